@@ -1,0 +1,246 @@
+//! Row changes as wal-listener JSON events (DESIGN.md section 5): the body,
+//! the deterministic id and the subject.
+
+pub mod json;
+pub mod time;
+pub mod values;
+
+use std::fmt;
+
+use uuid::Uuid;
+
+use crate::pgoutput::{OldTuple, PgTimestamp, Relation, TupleData, Value};
+use crate::Lsn;
+
+/// What happened to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Insert => "INSERT",
+            Action::Update => "UPDATE",
+            Action::Delete => "DELETE",
+            Action::Truncate => "TRUNCATE",
+        }
+    }
+}
+
+/// Why a change could not become an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventError {
+    /// The tuple does not match the relation pgoutput described.
+    ColumnCountMismatch {
+        table: String,
+        columns: usize,
+        values: usize,
+    },
+    /// A text value was not UTF-8 although the session asks for UTF-8.
+    InvalidUtf8 { table: String, column: String },
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventError::ColumnCountMismatch { table, columns, values } => write!(
+                f,
+                "row of {table} has {values} values but its relation message described {columns} columns"
+            ),
+            EventError::InvalidUtf8 { table, column } => {
+                write!(f, "value of {table}.{column} is not valid UTF-8")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EventError {}
+
+/// Derives the deterministic event ids of one replication slot: the same
+/// change always gets the same id, also when replayed after a crash.
+#[derive(Debug, Clone)]
+pub struct EventIds {
+    /// system identifier and slot name, the part of the UUIDv5 name shared by all events.
+    name_prefix: Vec<u8>,
+}
+
+/// UUIDv5 namespace of wal_listener event ids (fixed forever).
+const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b8e_51d4_4c57_9a0e_3c7d_2f4b_8a19);
+
+impl EventIds {
+    pub fn new(system_identifier: u64, slot: &str) -> Self {
+        let mut name_prefix = system_identifier.to_be_bytes().to_vec();
+        name_prefix.extend_from_slice(slot.as_bytes());
+        name_prefix.push(0);
+        EventIds { name_prefix }
+    }
+
+    /// The id of the `ordinal`-th change (0-based, before filtering) of the
+    /// transaction whose commit record is at `commit_lsn`.
+    pub fn id(&self, commit_lsn: Lsn, ordinal: u32) -> Uuid {
+        let mut name = [0u8; 128];
+        let prefix_len = self.name_prefix.len();
+        if prefix_len + 12 <= name.len() {
+            name[..prefix_len].copy_from_slice(&self.name_prefix);
+            name[prefix_len..prefix_len + 8].copy_from_slice(&commit_lsn.0.to_be_bytes());
+            name[prefix_len + 8..prefix_len + 12].copy_from_slice(&ordinal.to_be_bytes());
+            Uuid::new_v5(&EVENT_ID_NAMESPACE, &name[..prefix_len + 12])
+        } else {
+            let mut name = self.name_prefix.clone();
+            name.extend_from_slice(&commit_lsn.0.to_be_bytes());
+            name.extend_from_slice(&ordinal.to_be_bytes());
+            Uuid::new_v5(&EVENT_ID_NAMESPACE, &name)
+        }
+    }
+
+    /// [`id`](Self::id) as lower-case hyphenated text, written into `buf`.
+    pub fn id_text<'b>(&self, commit_lsn: Lsn, ordinal: u32, buf: &'b mut [u8; 36]) -> &'b str {
+        self.id(commit_lsn, ordinal).hyphenated().encode_lower(buf)
+    }
+}
+
+/// One row change, ready to encode.
+pub struct RowChange<'r, 'a> {
+    pub relation: &'r Relation,
+    pub action: Action,
+    /// New row: INSERT and UPDATE.
+    pub new: Option<&'r TupleData<'a>>,
+    /// Old row or its key: UPDATE and DELETE, when REPLICA IDENTITY sends it.
+    pub old: Option<&'r OldTuple<'a>>,
+}
+
+/// Appends the JSON body of `change` to `out`.
+/// `id` is the event id as text (see [`EventIds::id_text`]).
+pub fn encode_event(
+    out: &mut Vec<u8>,
+    id: &str,
+    change: &RowChange<'_, '_>,
+    commit_time: PgTimestamp,
+) -> Result<(), EventError> {
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\",\"schema\":");
+    json::write_str(out, &change.relation.namespace);
+    out.extend_from_slice(b",\"table\":");
+    json::write_str(out, &change.relation.name);
+    out.extend_from_slice(b",\"action\":\"");
+    out.extend_from_slice(change.action.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"data\":");
+    let mut unchanged_toast = Vec::new();
+    write_row(
+        out,
+        change.relation,
+        change.new,
+        false,
+        &mut unchanged_toast,
+    )?;
+    out.extend_from_slice(b",\"dataOld\":");
+    let (old, key_only) = match change.old {
+        Some(OldTuple::Key(key)) => (Some(key), true),
+        Some(OldTuple::Full(row)) => (Some(row), false),
+        None => (None, false),
+    };
+    write_row(out, change.relation, old, key_only, &mut Vec::new())?;
+    out.extend_from_slice(b",\"commitTime\":\"");
+    time::write_rfc3339_utc(out, commit_time);
+    out.push(b'"');
+    if !unchanged_toast.is_empty() {
+        out.extend_from_slice(b",\"unchangedToast\":[");
+        for (i, name) in unchanged_toast.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json::write_str(out, name);
+        }
+        out.push(b']');
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// Writes a row as a JSON object; `None` is `{}`. With `key_only`, only the
+/// replica identity columns (pgoutput sends the others as null). Unchanged
+/// TOAST columns are left out (never faked as null) and their names collected.
+fn write_row<'r>(
+    out: &mut Vec<u8>,
+    relation: &'r Relation,
+    row: Option<&TupleData<'_>>,
+    key_only: bool,
+    unchanged_toast: &mut Vec<&'r str>,
+) -> Result<(), EventError> {
+    out.push(b'{');
+    if let Some(row) = row {
+        if row.values.len() != relation.columns.len() {
+            return Err(EventError::ColumnCountMismatch {
+                table: qualified_name(relation),
+                columns: relation.columns.len(),
+                values: row.values.len(),
+            });
+        }
+        let mut first = true;
+        for (column, value) in relation.columns.iter().zip(&row.values) {
+            if key_only && !column.is_key {
+                continue;
+            }
+            let text = match value {
+                Value::UnchangedToast => {
+                    unchanged_toast.push(&column.name);
+                    continue;
+                }
+                Value::Null => None,
+                Value::Text(bytes) | Value::Binary(bytes) => Some(
+                    std::str::from_utf8(bytes).map_err(|_| EventError::InvalidUtf8 {
+                        table: qualified_name(relation),
+                        column: column.name.clone(),
+                    })?,
+                ),
+            };
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            json::write_key(out, &column.name);
+            match text {
+                None => out.extend_from_slice(b"null"),
+                Some(text) => values::write_text_value(out, column.type_oid, text),
+            }
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+fn qualified_name(relation: &Relation) -> String {
+    format!("{}.{}", relation.namespace, relation.name)
+}
+
+/// Builds `<topic>.<topic_prefix><schema>_<table>`, as wal-listener does.
+/// In schema and table names, characters that NATS does not allow inside a
+/// subject token (`.`, `*`, `>`, whitespace) become `_`, so any table name
+/// gives a publishable subject.
+pub fn default_subject(topic: &str, topic_prefix: &str, schema: &str, table: &str) -> String {
+    let mut subject =
+        String::with_capacity(topic.len() + topic_prefix.len() + schema.len() + table.len() + 2);
+    subject.push_str(topic);
+    subject.push('.');
+    subject.push_str(topic_prefix);
+    let token_safe = |c: char| {
+        if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
+            '_'
+        } else {
+            c
+        }
+    };
+    subject.extend(schema.chars().map(token_safe));
+    subject.push('_');
+    subject.extend(table.chars().map(token_safe));
+    subject
+}
+
+#[cfg(test)]
+mod tests;

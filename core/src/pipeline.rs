@@ -1,0 +1,368 @@
+//! The pipeline: slot → decode → event → JetStream, with the flush LSN
+//! confirmed only for transactions whose every event is acked (DESIGN.md
+//! rules 3–5), and a supervisor that restarts it from the slot after failures.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::Subject;
+use bytes::Bytes;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use tokio::sync::watch;
+
+use crate::config::{PipelineConfig, PublishConfig};
+use crate::event::{default_subject, encode_event, Action, EventIds, RowChange};
+use crate::pgoutput::{self, Message, OldTuple, PgTimestamp, RelationCache, TupleData};
+use crate::publish::{AckFuture, Publisher};
+use crate::replication::{self, OpenError};
+use crate::status::{LogLevel, State, StatusBoard};
+use crate::{Error, Lsn};
+
+/// How long to wait before checking again when streaming cannot start yet.
+const NOT_READY_RETRY: Duration = Duration::from_secs(2);
+
+/// Runs the pipeline until `shutdown` becomes true. Every failure is
+/// reported on `board`, followed by a growing delay and a restart from the
+/// slot's confirmed position; a new config restarts it at once.
+pub async fn run_supervised(
+    mut config: watch::Receiver<PipelineConfig>,
+    board: Arc<StatusBoard>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut delay: Option<Duration> = None;
+    let mut waiting_reason: Option<String> = None;
+    while !*shutdown.borrow() {
+        let cfg = config.borrow_and_update().clone();
+        if waiting_reason.is_none() {
+            board.set_state(State::Connecting);
+        }
+        let started = Instant::now();
+        // A task of its own, so that a panic anywhere in it is caught here and
+        // reported, and so that shutdown or a new config can abort it.
+        let mut attempt = tokio::spawn(run_once(cfg.clone(), board.clone()));
+        let outcome = tokio::select! {
+            joined = &mut attempt => match joined {
+                Ok(outcome) => outcome,
+                Err(e) => Err(OpenError::Failed(Error::Replication(format!("internal error: pipeline task {e}")))),
+            },
+            _ = config.changed() => {
+                attempt.abort();
+                board.log(LogLevel::Info, "configuration changed; reconnecting".into());
+                delay = None;
+                continue;
+            }
+            _ = shutdown.changed() => {
+                attempt.abort();
+                break;
+            }
+        };
+        let pause = match outcome {
+            Ok(()) => continue,
+            Err(OpenError::NotReady(reason)) => {
+                board.set_state(State::Waiting);
+                if waiting_reason.as_ref() != Some(&reason) {
+                    board.report_waiting(reason.clone());
+                    waiting_reason = Some(reason);
+                }
+                NOT_READY_RETRY
+            }
+            Err(OpenError::Failed(error)) => {
+                waiting_reason = None;
+                // A session that streamed for a while earns a fresh, short delay.
+                let next = match delay {
+                    Some(d) if started.elapsed() < cfg.max_backoff => (d * 2).min(cfg.max_backoff),
+                    _ => cfg.min_backoff,
+                };
+                delay = Some(next);
+                board.set_state(State::Backoff);
+                board.report_error(format!("{error}; retrying in {} s", next.as_secs_f64()));
+                next
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = config.changed() => { delay = None; }
+            _ = shutdown.changed() => {}
+        }
+    }
+    board.set_nats_connected(false);
+    board.set_state(State::Stopped);
+}
+
+/// One session: connect, stream until something fails.
+async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), OpenError> {
+    let mut session = replication::open(&cfg.source).await?;
+    let publisher = Publisher::connect(&cfg.publish, &board).await?;
+    session.start().await?;
+    board.set_confirmed_lsn(session.start_lsn);
+    board.set_state(State::Streaming);
+    board.log(
+        LogLevel::Info,
+        format!(
+            "streaming slot \"{}\" from {} to NATS {}",
+            cfg.source.slot, session.start_lsn, cfg.publish.nats_url
+        ),
+    );
+    let ids = EventIds::new(session.system_identifier, &cfg.source.slot);
+    let mut streamer = Streamer::new(session.client, publisher, ids, &cfg.publish, board);
+    streamer.confirm(session.start_lsn);
+    Err(OpenError::Failed(streamer.run().await))
+}
+
+/// The transaction being received.
+struct Transaction {
+    commit_lsn: Lsn,
+    commit_time: PgTimestamp,
+    /// Index of the next change, counted before any filtering.
+    next_ordinal: u32,
+}
+
+struct Streamer {
+    client: ReplicationClient,
+    publisher: Publisher,
+    board: Arc<StatusBoard>,
+    ids: EventIds,
+    topic: String,
+    topic_prefix: String,
+    max_in_flight: usize,
+    relations: RelationCache,
+    subjects: HashMap<u32, Subject>,
+    transaction: Option<Transaction>,
+    /// PubAck futures in publish order.
+    in_flight: FuturesOrdered<AckFuture>,
+    published: u64,
+    acked: u64,
+    /// Received commits not yet confirmable: (events published up to it, end LSN).
+    commits: VecDeque<(u64, Lsn)>,
+    confirmed: Lsn,
+    /// Size of the last event, to allocate the next one once.
+    last_event_len: usize,
+}
+
+impl Streamer {
+    fn new(
+        client: ReplicationClient,
+        publisher: Publisher,
+        ids: EventIds,
+        cfg: &PublishConfig,
+        board: Arc<StatusBoard>,
+    ) -> Self {
+        Streamer {
+            client,
+            publisher,
+            board,
+            ids,
+            topic: cfg.topic.clone(),
+            topic_prefix: cfg.topic_prefix.clone(),
+            max_in_flight: cfg.max_in_flight.max(1),
+            relations: RelationCache::default(),
+            subjects: HashMap::new(),
+            transaction: None,
+            in_flight: FuturesOrdered::new(),
+            published: 0,
+            acked: 0,
+            commits: VecDeque::new(),
+            confirmed: Lsn(0),
+            last_event_len: 256,
+        }
+    }
+
+    /// Streams until an error; it never ends otherwise.
+    async fn run(&mut self) -> Error {
+        loop {
+            let step = tokio::select! {
+                biased;
+                Some(ack) = self.in_flight.next() => self.on_ack(ack),
+                received = self.client.recv(), if self.in_flight.len() < self.max_in_flight => {
+                    match received {
+                        Ok(Some(event)) => self.on_replication_event(event).await,
+                        Ok(None) => Err(Error::Replication("the server ended the replication stream".into())),
+                        Err(e) => Err(Error::Replication(format!("replication stream broke: {e}"))),
+                    }
+                }
+            };
+            if let Err(e) = step {
+                return e;
+            }
+        }
+    }
+
+    fn on_ack(&mut self, ack: Result<(), Error>) -> Result<(), Error> {
+        ack?;
+        self.acked += 1;
+        self.board.add_published(1);
+        let mut newest = None;
+        while let Some(&(published_before, end_lsn)) = self.commits.front() {
+            if published_before > self.acked {
+                break;
+            }
+            self.commits.pop_front();
+            newest = Some(end_lsn);
+        }
+        if let Some(lsn) = newest {
+            self.confirm(lsn);
+        }
+        Ok(())
+    }
+
+    /// Reports `lsn` as flushed; callers guarantee everything before it is acked.
+    fn confirm(&mut self, lsn: Lsn) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            self.client.update_applied_lsn(lsn.into());
+            self.board.set_confirmed_lsn(lsn);
+        }
+    }
+
+    async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid: _,
+                commit_time_micros,
+            } => {
+                self.begin(final_lsn.into(), commit_time_micros);
+                Ok(())
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                self.commit(end_lsn.into());
+                Ok(())
+            }
+            ReplicationEvent::XLogData { data, .. } => self.on_pgoutput(&data).await,
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Nothing received is unacked: the server's position is safe to confirm,
+                // so an idle or fully filtered database does not pin WAL.
+                if self.transaction.is_none()
+                    && self.commits.is_empty()
+                    && self.in_flight.is_empty()
+                {
+                    self.confirm(wal_end.into());
+                }
+                Ok(())
+            }
+            ReplicationEvent::Message { .. } => Ok(()),
+            ReplicationEvent::StoppedAt { reached } => Err(Error::Replication(format!(
+                "replication stopped at {reached} unexpectedly"
+            ))),
+        }
+    }
+
+    fn begin(&mut self, commit_lsn: Lsn, commit_time: PgTimestamp) {
+        self.transaction = Some(Transaction {
+            commit_lsn,
+            commit_time,
+            next_ordinal: 0,
+        });
+    }
+
+    fn commit(&mut self, end_lsn: Lsn) {
+        self.transaction = None;
+        if self.acked == self.published && self.commits.is_empty() {
+            self.confirm(end_lsn);
+        } else {
+            self.commits.push_back((self.published, end_lsn));
+        }
+    }
+
+    async fn on_pgoutput(&mut self, data: &[u8]) -> Result<(), Error> {
+        match pgoutput::decode(data)? {
+            Message::Begin(begin) => self.begin(begin.final_lsn, begin.commit_time),
+            Message::Commit(commit) => self.commit(commit.end_lsn),
+            Message::Relation(relation) => {
+                self.subjects.remove(&relation.id);
+                self.relations.insert(relation);
+            }
+            Message::Insert { relation_id, new } => {
+                self.publish_change(relation_id, Action::Insert, Some(&new), None)
+                    .await?;
+            }
+            Message::Update {
+                relation_id,
+                old,
+                new,
+            } => {
+                self.publish_change(relation_id, Action::Update, Some(&new), old.as_ref())
+                    .await?;
+            }
+            Message::Delete { relation_id, old } => {
+                self.publish_change(relation_id, Action::Delete, None, Some(&old))
+                    .await?;
+            }
+            Message::Truncate { relation_ids, .. } => {
+                for relation_id in relation_ids {
+                    self.publish_change(relation_id, Action::Truncate, None, None)
+                        .await?;
+                }
+            }
+            Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn publish_change(
+        &mut self,
+        relation_id: u32,
+        action: Action,
+        new: Option<&TupleData<'_>>,
+        old: Option<&OldTuple<'_>>,
+    ) -> Result<(), Error> {
+        let transaction = self.transaction.as_mut().ok_or_else(|| {
+            Error::Replication(format!(
+                "protocol: {} outside a transaction",
+                action.as_str()
+            ))
+        })?;
+        let ordinal = transaction.next_ordinal;
+        transaction.next_ordinal += 1;
+        let (commit_lsn, commit_time) = (transaction.commit_lsn, transaction.commit_time);
+
+        let relation = self.relations.get(relation_id).ok_or_else(|| {
+            Error::Replication(format!(
+                "protocol: change for relation id {relation_id}, which was never described"
+            ))
+        })?;
+        let mut id_buf = [0u8; 36];
+        let id = self.ids.id_text(commit_lsn, ordinal, &mut id_buf);
+        let mut body = Vec::with_capacity(self.last_event_len + 64);
+        encode_event(
+            &mut body,
+            id,
+            &RowChange {
+                relation,
+                action,
+                new,
+                old,
+            },
+            commit_time,
+        )?;
+        self.last_event_len = body.len();
+        let subject = self
+            .subjects
+            .entry(relation_id)
+            .or_insert_with(|| {
+                Subject::from(default_subject(
+                    &self.topic,
+                    &self.topic_prefix,
+                    &relation.namespace,
+                    &relation.name,
+                ))
+            })
+            .clone();
+
+        // One change can publish several events (TRUNCATE): keep the cap exact.
+        while self.in_flight.len() >= self.max_in_flight {
+            if let Some(ack) = self.in_flight.next().await {
+                self.on_ack(ack)?;
+            }
+        }
+        let ack = self
+            .publisher
+            .publish(subject, id, Bytes::from(body))
+            .await?;
+        self.in_flight.push_back(ack);
+        self.published += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,263 @@
+//! The loopback replication session: connect to the server's own socket,
+//! make sure the publication and slot exist, and start pgoutput streaming.
+//! The wire protocol and authentication are pgwire-replication's.
+
+use std::time::Duration;
+
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig};
+
+use crate::config::SourceConfig;
+use crate::{Error, Lsn};
+
+/// Pins every setting that shapes pgoutput's text values (DESIGN.md section 3).
+const SESSION_OPTIONS: &str =
+    "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC -c client_encoding=UTF8";
+
+/// How often the flush LSN is sent while it changes, and the longest silence
+/// between two status updates: both far inside the default 60 s `wal_sender_timeout`.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+const IDLE_WAKEUP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Messages buffered between the socket reader and the pipeline; bounds memory.
+const RECEIVE_BUFFER_MESSAGES: usize = 1024;
+
+/// A checked replication session, ready to [`start`](Session::start).
+pub struct Session {
+    pub client: ReplicationClient,
+    pub system_identifier: u64,
+    /// The slot's `confirmed_flush_lsn` when streaming started.
+    pub start_lsn: Lsn,
+}
+
+/// Why a session did not start.
+pub enum OpenError {
+    /// Nothing is wrong, but streaming cannot start yet.
+    NotReady(String),
+    Failed(Error),
+}
+
+impl From<Error> for OpenError {
+    fn from(e: Error) -> Self {
+        OpenError::Failed(e)
+    }
+}
+
+/// Connects, checks the server and creates the publication and slot when missing.
+pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {
+    let repl_cfg = ReplicationConfig::unix(
+        cfg.socket_dir.clone(),
+        cfg.port,
+        cfg.user.clone(),
+        String::new(),
+        cfg.database.clone(),
+        cfg.slot.clone(),
+        cfg.publication.clone(),
+    )
+    .with_options(SESSION_OPTIONS)
+    .with_application_name("wal_listener")
+    .with_status_interval(STATUS_INTERVAL)
+    .with_wakeup_interval(IDLE_WAKEUP_INTERVAL)
+    .with_buffer_size(RECEIVE_BUFFER_MESSAGES);
+
+    let mut client = ReplicationClient::connect_gated(repl_cfg)
+        .await
+        .map_err(|e| connect_error(cfg, e))?;
+    let system = client
+        .identify_system()
+        .await
+        .map_err(|e| connect_error(cfg, e))?;
+    let system_identifier = system.system_id.parse::<u64>().map_err(|_| {
+        Error::Replication(format!(
+            "IDENTIFY_SYSTEM returned a bad system id {:?}",
+            system.system_id
+        ))
+    })?;
+
+    let mut sql = Sql {
+        client: &mut client,
+    };
+    let wal_level = sql
+        .one_value("SELECT current_setting('wal_level')")
+        .await?
+        .unwrap_or_default();
+    if wal_level != "logical" {
+        return Err(Error::Setup(format!(
+            "wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart the server"
+        ))
+        .into());
+    }
+    if cfg.require_extension {
+        let installed = sql
+            .one_value("SELECT extname FROM pg_extension WHERE extname = 'wal_listener'")
+            .await?;
+        if installed.is_none() {
+            return Err(OpenError::NotReady(format!(
+                "waiting for CREATE EXTENSION wal_listener in database \"{}\"",
+                cfg.database
+            )));
+        }
+    }
+    ensure_publication(&mut sql, &cfg.publication).await?;
+    let start_lsn = ensure_slot(&mut sql, cfg).await?;
+    Ok(Session {
+        client,
+        system_identifier,
+        start_lsn,
+    })
+}
+
+impl Session {
+    /// Starts streaming from the slot's confirmed position.
+    pub async fn start(&mut self) -> Result<(), Error> {
+        let failed = |e| Error::Replication(format!("START_REPLICATION failed: {e}"));
+        self.client.start().await.map_err(failed)?;
+        self.client.wait_started().await.map_err(failed)
+    }
+}
+
+fn connect_error(cfg: &SourceConfig, e: PgWireError) -> Error {
+    let socket = format!("{}/.s.PGSQL.{}", cfg.socket_dir, cfg.port);
+    let hint = match &e {
+        PgWireError::Auth(_) => format!(
+            "; pg_hba.conf needs a line admitting the loopback connection, e.g. \
+             \"local {} {} peer\" (or trust), or set wal_listener.role",
+            cfg.database, cfg.user
+        ),
+        PgWireError::Server(msg)
+            if msg.contains("pg_hba.conf") || msg.contains("authentication") =>
+        {
+            format!(
+                "; add a pg_hba.conf line such as \"local {} {} peer\" (or trust) and reload",
+                cfg.database, cfg.user
+            )
+        }
+        _ => String::new(),
+    };
+    Error::Replication(format!(
+        "cannot open replication connection to {socket} as role \"{}\" in database \"{}\": {e}{hint}",
+        cfg.user, cfg.database
+    ))
+}
+
+async fn ensure_publication(sql: &mut Sql<'_>, publication: &str) -> Result<(), Error> {
+    let query = format!(
+        "SELECT pubname FROM pg_publication WHERE pubname = {}",
+        quote_literal(publication)
+    );
+    if sql.one_value(&query).await?.is_none() {
+        sql.execute(&format!(
+            "CREATE PUBLICATION {} FOR ALL TABLES",
+            quote_ident(publication)
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Returns the slot's `confirmed_flush_lsn`, creating the slot first when missing.
+async fn ensure_slot(sql: &mut Sql<'_>, cfg: &SourceConfig) -> Result<Lsn, Error> {
+    let query = format!(
+        "SELECT plugin, database, confirmed_flush_lsn::text, wal_status \
+         FROM pg_replication_slots WHERE slot_name = {}",
+        quote_literal(&cfg.slot)
+    );
+    let mut rows = sql.rows(&query).await?;
+    if rows.is_empty() {
+        sql.execute(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')",
+            quote_ident(&cfg.slot)
+        ))
+        .await?;
+        rows = sql.rows(&query).await?;
+    }
+    let row = rows
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Setup(format!("slot \"{}\" vanished", cfg.slot)))?;
+    let [plugin, database, confirmed, wal_status] = <[Option<String>; 4]>::try_from(row)
+        .map_err(|_| Error::Replication("unexpected pg_replication_slots row shape".into()))?;
+    if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(cfg.database.as_str()) {
+        return Err(Error::Setup(format!(
+            "replication slot \"{}\" exists but is not a pgoutput slot of database \"{}\" \
+             (plugin {plugin:?}, database {database:?}); drop it or set wal_listener.slot_name",
+            cfg.slot, cfg.database
+        )));
+    }
+    if wal_status.as_deref() == Some("lost") {
+        return Err(Error::Setup(format!(
+            "replication slot \"{}\" was invalidated (wal_status = lost): changes were lost; \
+             see the README's operations section to recover",
+            cfg.slot
+        )));
+    }
+    confirmed
+        .ok_or_else(|| {
+            Error::Setup(format!(
+                "replication slot \"{}\" has no confirmed_flush_lsn",
+                cfg.slot
+            ))
+        })?
+        .parse::<Lsn>()
+        .map_err(Error::Replication)
+}
+
+/// SQL on the gated replication session (simple query protocol, text results).
+struct Sql<'c> {
+    client: &'c mut ReplicationClient,
+}
+
+impl Sql<'_> {
+    async fn rows(&mut self, query: &str) -> Result<Vec<Vec<Option<String>>>, Error> {
+        let rows = self
+            .client
+            .simple_query(query)
+            .await
+            .map_err(|e| Error::Replication(format!("query {query:?} failed: {e}")))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// First column of the first row; `None` when there is no row or it is NULL.
+    async fn one_value(&mut self, query: &str) -> Result<Option<String>, Error> {
+        Ok(self
+            .rows(query)
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|row| row.into_iter().next().flatten()))
+    }
+
+    async fn execute(&mut self, statement: &str) -> Result<(), Error> {
+        self.client
+            .simple_query(statement)
+            .await
+            .map(drop)
+            .map_err(|e| Error::Setup(format!("{statement:?} failed: {e}")))
+    }
+}
+
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_doubles_the_quote_character() {
+        assert_eq!(quote_ident("wal_listener"), "\"wal_listener\"");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,238 @@
+//! What the pipeline tells its host: state, counters, errors and log lines.
+//! Written from async tasks with atomics and short mutexes; the host copies
+//! it into shared memory on its own thread (tasks never call Postgres).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::Lsn;
+
+/// The pipeline's state, as `status()` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Not ready to stream yet (extension not created, standby); says why in `last_error`.
+    Waiting = 0,
+    Connecting = 1,
+    Streaming = 2,
+    /// Failed; retrying after a delay.
+    Backoff = 3,
+    Stopped = 4,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Waiting => "waiting",
+            State::Connecting => "connecting",
+            State::Streaming => "streaming",
+            State::Backoff => "backoff",
+            State::Stopped => "stopped",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> State {
+        match v {
+            0 => State::Waiting,
+            1 => State::Connecting,
+            2 => State::Streaming,
+            3 => State::Backoff,
+            _ => State::Stopped,
+        }
+    }
+}
+
+/// Severity of a log line the host should write to the server log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Info,
+    Warning,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: LogLevel,
+    pub message: String,
+}
+
+/// A copy of the status at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSnapshot {
+    pub state: State,
+    pub nats_connected: bool,
+    pub events_published: u64,
+    pub events_filtered: u64,
+    /// Highest LSN reported to the walsender as flushed.
+    pub confirmed_lsn: Lsn,
+    /// Unix microseconds; 0 = never.
+    pub last_event_at: i64,
+    pub last_error: Option<String>,
+    /// Unix microseconds; 0 = never.
+    pub last_error_at: i64,
+}
+
+/// Keeps at most this many unread log lines: a host that stops reading
+/// must not make the pipeline grow without bound.
+const MAX_PENDING_LOG_LINES: usize = 256;
+
+/// Shared between the pipeline (writer) and its host (reader).
+pub struct StatusBoard {
+    state: AtomicU8,
+    nats_connected: AtomicBool,
+    events_published: AtomicU64,
+    events_filtered: AtomicU64,
+    confirmed_lsn: AtomicU64,
+    last_event_at: AtomicI64,
+    last_error: Mutex<Option<(String, i64)>>,
+    log: Mutex<VecDeque<LogLine>>,
+    /// Wakes the host (an eventfd write in the extension); must not block.
+    wake_host: Box<dyn Fn() + Send + Sync>,
+}
+
+impl StatusBoard {
+    pub fn new(wake_host: Box<dyn Fn() + Send + Sync>) -> Self {
+        StatusBoard {
+            state: AtomicU8::new(State::Connecting as u8),
+            nats_connected: AtomicBool::new(false),
+            events_published: AtomicU64::new(0),
+            events_filtered: AtomicU64::new(0),
+            confirmed_lsn: AtomicU64::new(0),
+            last_event_at: AtomicI64::new(0),
+            last_error: Mutex::new(None),
+            log: Mutex::new(VecDeque::new()),
+            wake_host,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state(&self, state: State) {
+        if self.state.swap(state as u8, Ordering::Relaxed) != state as u8 {
+            (self.wake_host)();
+        }
+    }
+
+    pub fn set_nats_connected(&self, connected: bool) {
+        self.nats_connected.store(connected, Ordering::Relaxed);
+    }
+
+    pub fn add_published(&self, count: u64) {
+        self.events_published.fetch_add(count, Ordering::Relaxed);
+        self.last_event_at
+            .store(unix_micros_now(), Ordering::Relaxed);
+    }
+
+    pub fn add_filtered(&self, count: u64) {
+        self.events_filtered.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub fn set_confirmed_lsn(&self, lsn: Lsn) {
+        self.confirmed_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+    }
+
+    /// Records an error for `status()` and logs it as a warning.
+    pub fn report_error(&self, message: String) {
+        *lock(&self.last_error) = Some((message.clone(), unix_micros_now()));
+        self.log(LogLevel::Warning, message);
+    }
+
+    /// Records why streaming cannot start yet, for `status()`, and logs it.
+    pub fn report_waiting(&self, reason: String) {
+        *lock(&self.last_error) = Some((reason.clone(), unix_micros_now()));
+        self.log(LogLevel::Info, reason);
+    }
+
+    pub fn log(&self, level: LogLevel, message: String) {
+        let mut log = lock(&self.log);
+        if log.len() == MAX_PENDING_LOG_LINES {
+            log.pop_front();
+        }
+        log.push_back(LogLine { level, message });
+        drop(log);
+        (self.wake_host)();
+    }
+
+    /// Takes the log lines written since the last call.
+    pub fn drain_log(&self) -> Vec<LogLine> {
+        lock(&self.log).drain(..).collect()
+    }
+
+    pub fn snapshot(&self) -> StatusSnapshot {
+        let (last_error, last_error_at) = match &*lock(&self.last_error) {
+            Some((message, at)) => (Some(message.clone()), *at),
+            None => (None, 0),
+        };
+        StatusSnapshot {
+            state: self.state(),
+            nats_connected: self.nats_connected.load(Ordering::Relaxed),
+            events_published: self.events_published.load(Ordering::Relaxed),
+            events_filtered: self.events_filtered.load(Ordering::Relaxed),
+            confirmed_lsn: Lsn(self.confirmed_lsn.load(Ordering::Relaxed)),
+            last_event_at: self.last_event_at.load(Ordering::Relaxed),
+            last_error,
+            last_error_at,
+        }
+    }
+}
+
+/// A poisoned lock only means a task panicked mid-update of plain data: keep going.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn unix_micros_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn wakes_host_on_state_change_and_log_only() {
+        let wakes = Arc::new(AtomicU64::new(0));
+        let counter = wakes.clone();
+        let board = StatusBoard::new(Box::new(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }));
+        board.set_state(State::Streaming);
+        board.set_state(State::Streaming);
+        board.add_published(3);
+        assert_eq!(wakes.load(Ordering::Relaxed), 1);
+        board.report_error("boom".into());
+        assert_eq!(wakes.load(Ordering::Relaxed), 2);
+        let snap = board.snapshot();
+        assert_eq!((snap.state, snap.events_published), (State::Streaming, 3));
+        assert_eq!(snap.last_error.as_deref(), Some("boom"));
+        assert_eq!(
+            board.drain_log(),
+            vec![LogLine {
+                level: LogLevel::Warning,
+                message: "boom".into()
+            }]
+        );
+        assert!(board.drain_log().is_empty());
+    }
+
+    #[test]
+    fn log_is_bounded_and_lsn_never_moves_back() {
+        let board = StatusBoard::new(Box::new(|| {}));
+        for i in 0..1000 {
+            board.log(LogLevel::Info, i.to_string());
+        }
+        let lines = board.drain_log();
+        assert_eq!(lines.len(), MAX_PENDING_LOG_LINES);
+        assert_eq!(lines.last().unwrap().message, "999");
+        board.set_confirmed_lsn(Lsn(10));
+        board.set_confirmed_lsn(Lsn(5));
+        assert_eq!(board.snapshot().confirmed_lsn, Lsn(10));
+    }
+}
