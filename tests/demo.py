@@ -7,18 +7,19 @@ import os
 
 import nats
 
-from harness import Nats, Postgres
+from harness import Nats, Postgres, wait_until
 
 PG_VERSION = os.environ.get("WAL_LISTENER_PG", "15")
 
-CHANGES = """
-CREATE TABLE users (id int PRIMARY KEY, email text, plan text, profile jsonb, signed_up timestamptz);
-INSERT INTO users VALUES (1, 'ada@example.com', 'free', '{"lang": "en"}', '2026-11-24 09:30:00+00'),
-                         (2, 'linus@example.com', 'pro', NULL, now());
-UPDATE users SET plan = 'team' WHERE id = 1;
-DELETE FROM users WHERE id = 2;
-TRUNCATE users;
-"""
+CHANGES = [
+    "CREATE TABLE users (id int PRIMARY KEY, email text, plan text, profile jsonb, signed_up timestamptz)",
+    """INSERT INTO users VALUES (1, 'ada@example.com', 'free', '{"lang": "en"}', '2026-11-24 09:30:00+00'),
+                         (2, 'linus@example.com', 'pro', NULL, now())""",
+    "UPDATE users SET plan = 'team' WHERE id = 1",
+    "DELETE FROM users WHERE id = 2",
+    "TRUNCATE users",
+]
+SHOWN_STATUS = ["state", "pid", "slot", "confirmed_flush_lsn", "lag_bytes", "events_published", "nats_connected"]
 
 
 async def print_events(url: str, expected: int):
@@ -42,13 +43,16 @@ def main():
         cluster.execute("CREATE DATABASE app", dbname="postgres")
         cluster.execute("CREATE EXTENSION wal_listener")
         cluster.wait_for_state("streaming", timeout=60)
-        print("worker is streaming; running:" + CHANGES)
-        cluster.execute(CHANGES)
+        print("worker is streaming; committing, each in its own transaction:")
+        for statement in CHANGES:
+            print(f"  {statement};")
+            cluster.execute(statement)
         asyncio.run(print_events(nats_server.url, expected=5))
+        wait_until(lambda: cluster.status()["events_published"] == 5, 10, "status to count the events")
         status = cluster.status()
-        print("\nSELECT * FROM wal_listener.status();")
-        for key, value in status.items():
-            print(f"  {key:20} {value}")
+        print(f"\nSELECT {', '.join(SHOWN_STATUS)} FROM wal_listener.status();")
+        for key in SHOWN_STATUS:
+            print(f"  {key:20} {status[key]}")
     finally:
         cluster.destroy()
         nats_server.destroy()

@@ -77,6 +77,9 @@ pub struct StatusSnapshot {
 /// must not make the pipeline grow without bound.
 const MAX_PENDING_LOG_LINES: usize = 256;
 
+/// Progress (events published) wakes the host at most this often.
+const PROGRESS_WAKE_INTERVAL_US: i64 = 100_000;
+
 /// Shared between the pipeline (writer) and its host (reader).
 pub struct StatusBoard {
     state: AtomicU8,
@@ -85,6 +88,8 @@ pub struct StatusBoard {
     events_filtered: AtomicU64,
     confirmed_lsn: AtomicU64,
     last_event_at: AtomicI64,
+    /// When progress last woke the host (unix microseconds).
+    last_progress_wake: AtomicI64,
     last_error: Mutex<Option<(String, i64)>>,
     log: Mutex<VecDeque<LogLine>>,
     /// Wakes the host (an eventfd write in the extension); must not block.
@@ -100,6 +105,7 @@ impl StatusBoard {
             events_filtered: AtomicU64::new(0),
             confirmed_lsn: AtomicU64::new(0),
             last_event_at: AtomicI64::new(0),
+            last_progress_wake: AtomicI64::new(0),
             last_error: Mutex::new(None),
             log: Mutex::new(VecDeque::new()),
             wake_host,
@@ -122,8 +128,18 @@ impl StatusBoard {
 
     pub fn add_published(&self, count: u64) {
         self.events_published.fetch_add(count, Ordering::Relaxed);
-        self.last_event_at
-            .store(unix_micros_now(), Ordering::Relaxed);
+        let now = unix_micros_now();
+        self.last_event_at.store(now, Ordering::Relaxed);
+        // Fresh counters in status() without waking the host per event.
+        let last_wake = self.last_progress_wake.load(Ordering::Relaxed);
+        if now - last_wake >= PROGRESS_WAKE_INTERVAL_US
+            && self
+                .last_progress_wake
+                .compare_exchange(last_wake, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            (self.wake_host)();
+        }
     }
 
     pub fn add_filtered(&self, count: u64) {
@@ -197,7 +213,7 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn wakes_host_on_state_change_and_log_only() {
+    fn wakes_host_on_state_change_log_and_rate_limited_progress() {
         let wakes = Arc::new(AtomicU64::new(0));
         let counter = wakes.clone();
         let board = StatusBoard::new(Box::new(move || {
@@ -205,10 +221,16 @@ mod tests {
         }));
         board.set_state(State::Streaming);
         board.set_state(State::Streaming);
-        board.add_published(3);
         assert_eq!(wakes.load(Ordering::Relaxed), 1);
+        board.add_published(2);
+        board.add_published(1);
+        assert_eq!(
+            wakes.load(Ordering::Relaxed),
+            2,
+            "progress wakes once per interval"
+        );
         board.report_error("boom".into());
-        assert_eq!(wakes.load(Ordering::Relaxed), 2);
+        assert_eq!(wakes.load(Ordering::Relaxed), 3);
         let snap = board.snapshot();
         assert_eq!((snap.state, snap.events_published), (State::Streaming, 3));
         assert_eq!(snap.last_error.as_deref(), Some("boom"));
