@@ -9,6 +9,8 @@ bash scripts/setup.sh
 
 echo "== unit tests (core crate)"
 cargo test --quiet -p wal_listener_core
+# The core on its own, run by tests/test_core_standalone.py.
+cargo build --quiet --release -p wal_listener_core --example standalone
 
 for version in ${WAL_LISTENER_PG_VERSIONS:-15 18}; do
     bash scripts/install.sh "$version"

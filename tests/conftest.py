@@ -35,12 +35,14 @@ def _failed(request) -> bool:
 
 @pytest.fixture
 def make_cluster(request, nats_server):
-    """Builds a started cluster with database `app`; extra settings override defaults."""
+    """Builds a started cluster with database `app`; keyword arguments set
+    `wal_listener.*` GUCs, `server_settings` any other."""
     clusters = []
 
-    def make(**settings):
+    def make(server_settings: dict | None = None, **wal_listener_settings):
         conf = {"wal_listener.nats_url": f"'{nats_server.url}'"}
-        conf.update({f"wal_listener.{k}" if "." not in k else k: v for k, v in settings.items()})
+        conf.update({f"wal_listener.{k}": v for k, v in wal_listener_settings.items()})
+        conf.update(server_settings or {})
         cluster = Postgres(PG_VERSION, conf)
         clusters.append(cluster)
         cluster.start()

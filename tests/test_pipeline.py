@@ -193,3 +193,44 @@ def test_fast_shutdown_stops_the_worker_cleanly(streaming):
     streaming.stop("fast")
     assert not streaming.running()
     assert "wal_listener: worker stopped" in streaming.log()
+
+
+def test_wal_level_below_logical_is_reported_with_the_fix(make_cluster):
+    cluster = make_cluster(server_settings={"wal_level": "replica"})
+    cluster.execute("CREATE EXTENSION wal_listener")
+    status = wait_until(
+        lambda: (s := cluster.status())["state"] == "backoff" and "wal_level" in (s["last_error"] or "") and s,
+        60,
+        "backoff naming wal_level",
+    )
+    assert "set wal_level = logical" in status["last_error"]
+    assert cluster.execute("SELECT count(*) AS n FROM pg_replication_slots") == [{"n": 0}]
+
+
+def test_loopback_connection_uses_peer_authentication(make_cluster, nats_server):
+    # Debian's default: the bootstrap superuser is admitted by peer auth only.
+    # The map also lets this test (running as root) connect as postgres.
+    cluster = make_cluster()
+    (cluster.data / "pg_ident.conf").write_text("local postgres postgres\nlocal root postgres\n")
+    (cluster.data / "pg_hba.conf").write_text("local all postgres peer map=local\n")
+    cluster.execute("SELECT pg_reload_conf()")
+    cluster.execute("CREATE EXTENSION wal_listener")
+    cluster.wait_for_state("streaming", timeout=60)
+    cluster.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+    assert wait_for_count(nats_server.url, 1) == 1
+
+
+def test_rejected_loopback_connection_names_the_pg_hba_line_to_add(make_cluster):
+    cluster = make_cluster()
+    (cluster.data / "pg_hba.conf").write_text("local app postgres reject\nlocal all all trust\n")
+    cluster.execute("SELECT pg_reload_conf()", dbname="postgres")
+    cluster.execute("CREATE EXTENSION wal_listener", dbname="postgres")
+    status = wait_until(
+        lambda: (s := cluster.execute("SELECT * FROM wal_listener.status()", dbname="postgres")[0])["state"]
+        == "backoff"
+        and "pg_hba" in (s["last_error"] or "")
+        and s,
+        60,
+        "backoff naming pg_hba.conf",
+    )
+    assert 'local app postgres peer' in status["last_error"]

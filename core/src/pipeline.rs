@@ -47,13 +47,13 @@ pub async fn run_supervised(
                 Ok(outcome) => outcome,
                 Err(e) => Err(OpenError::Failed(Error::Replication(format!("internal error: pipeline task {e}")))),
             },
-            _ = config.changed() => {
+            _ = config_changed(&mut config) => {
                 attempt.abort();
                 board.log(LogLevel::Info, "configuration changed; reconnecting".into());
                 delay = None;
                 continue;
             }
-            _ = shutdown.changed() => {
+            _ = stop_requested(&mut shutdown) => {
                 attempt.abort();
                 break;
             }
@@ -83,12 +83,28 @@ pub async fn run_supervised(
         };
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = config.changed() => { delay = None; }
-            _ = shutdown.changed() => {}
+            _ = config_changed(&mut config) => { delay = None; }
+            _ = stop_requested(&mut shutdown) => {}
         }
     }
     board.set_nats_connected(false);
     board.set_state(State::Stopped);
+}
+
+/// Resolves when the host asks to stop, or is gone.
+async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Resolves when the host sends a new config; never once it dropped the sender.
+async fn config_changed(config: &mut watch::Receiver<PipelineConfig>) {
+    if config.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// One session: connect, stream until something fails.

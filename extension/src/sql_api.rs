@@ -84,7 +84,9 @@ AS $$
            w.events_published,
            w.events_filtered,
            w.nats_connected,
-           w.last_error,
+           CASE WHEN w.pid IS NULL AND pg_is_in_recovery()
+                THEN 'server is a standby: the worker starts streaming after promotion'
+                ELSE w.last_error END,
            to_timestamp(w.last_error_at_us / 1e6),
            to_timestamp(w.last_event_at_us / 1e6),
            to_timestamp(w.started_at_us / 1e6)

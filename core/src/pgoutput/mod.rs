@@ -332,12 +332,7 @@ fn expect_submessage(
 }
 
 fn tuple_data<'a>(r: &mut Reader<'a>) -> Result<TupleData<'a>, DecodeError> {
-    let at = r.position();
-    let count = r.i16()?;
-    let count = usize::try_from(count).map_err(|_| DecodeError::NegativeLength {
-        at,
-        len: i64::from(count),
-    })?;
+    let count = r.count()?;
     let mut values = Vec::with_capacity(count.min(r.remaining()));
     for _ in 0..count {
         let at = r.position();

@@ -78,6 +78,16 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    /// A column count (Int16); it must not be negative.
+    pub(crate) fn count(&mut self) -> Result<usize, DecodeError> {
+        let at = self.pos;
+        let count = self.i16()?;
+        usize::try_from(count).map_err(|_| DecodeError::NegativeLength {
+            at,
+            len: i64::from(count),
+        })
+    }
+
     /// A length-prefixed value; the length must not be negative.
     pub(crate) fn sized_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let at = self.pos;

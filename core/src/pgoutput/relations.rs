@@ -32,12 +32,7 @@ pub(super) fn decode_relation(r: &mut Reader<'_>) -> Result<Relation, DecodeErro
     let namespace = r.cstr()?.to_owned();
     let name = r.cstr()?.to_owned();
     let replica_identity = r.u8()?;
-    let at = r.position();
-    let count = r.i16()?;
-    let count = usize::try_from(count).map_err(|_| DecodeError::NegativeLength {
-        at,
-        len: i64::from(count),
-    })?;
+    let count = r.count()?;
     let mut columns = Vec::with_capacity(count.min(r.remaining()));
     for _ in 0..count {
         let flags = r.u8()?;
