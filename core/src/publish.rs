@@ -62,20 +62,10 @@ impl Publisher {
         message_id: &str,
         payload: Bytes,
     ) -> Result<AckFuture, Error> {
-        let message = jetstream::message::PublishMessage::build()
-            .payload(payload)
-            .message_id(message_id);
-        let ack = self
-            .js
-            .send_publish(subject.clone(), message)
-            .await
-            .map_err(|e| publish_error(&subject, e))?;
-        Ok(Box::pin(async move {
-            ack.into_future()
-                .await
-                .map(drop)
-                .map_err(|e| publish_error(&subject, e))
-        }))
+        let message = jetstream::message::PublishMessage::build().payload(payload).message_id(message_id);
+        let ack =
+            self.js.send_publish(subject.clone(), message).await.map_err(|e| publish_error(&subject, e))?;
+        Ok(Box::pin(async move { ack.into_future().await.map(drop).map_err(|e| publish_error(&subject, e)) }))
     }
 }
 
@@ -131,10 +121,7 @@ async fn ensure_stream(
             })
             .await
             .map_err(|e| Error::Nats(format!("creating stream {}: {e}", cfg.topic)))?;
-            board.log(
-                LogLevel::Info,
-                format!("created JetStream stream {}", cfg.topic),
-            );
+            board.log(LogLevel::Info, format!("created JetStream stream {}", cfg.topic));
             Ok(())
         }
         Err(e) => Err(Error::Nats(format!("looking up stream {}: {e}", cfg.topic))),

@@ -201,10 +201,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub fn unix_micros_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -224,23 +221,13 @@ mod tests {
         assert_eq!(wakes.load(Ordering::Relaxed), 1);
         board.add_published(2);
         board.add_published(1);
-        assert_eq!(
-            wakes.load(Ordering::Relaxed),
-            2,
-            "progress wakes once per interval"
-        );
+        assert_eq!(wakes.load(Ordering::Relaxed), 2, "progress wakes once per interval");
         board.report_error("boom".into());
         assert_eq!(wakes.load(Ordering::Relaxed), 3);
         let snap = board.snapshot();
         assert_eq!((snap.state, snap.events_published), (State::Streaming, 3));
         assert_eq!(snap.last_error.as_deref(), Some("boom"));
-        assert_eq!(
-            board.drain_log(),
-            vec![LogLine {
-                level: LogLevel::Warning,
-                message: "boom".into()
-            }]
-        );
+        assert_eq!(board.drain_log(), vec![LogLine { level: LogLevel::Warning, message: "boom".into() }]);
         assert!(board.drain_log().is_empty());
     }
 

@@ -5,17 +5,13 @@ use std::ffi::CString;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use wal_listener_core::config::PublishConfig;
 
-static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
-static SLOT_NAME: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
-static PUBLICATION: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
+static PUBLICATION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
 static ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static NATS_URL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"nats://127.0.0.1:4222"));
-static TOPIC: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
+static TOPIC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
 static TOPIC_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static CREATE_STREAM: GucSetting<bool> = GucSetting::<bool>::new(true);
 static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(4096);
@@ -48,12 +44,7 @@ pub fn register() {
         &ROLE,
         GucContext::Postmaster,
     );
-    string(
-        c"wal_listener.nats_url",
-        c"Comma-separated NATS server URLs.",
-        &NATS_URL,
-        GucContext::Sighup,
-    );
+    string(c"wal_listener.nats_url", c"Comma-separated NATS server URLs.", &NATS_URL, GucContext::Sighup);
     string(
         c"wal_listener.topic",
         c"First subject token and JetStream stream name.",
@@ -89,10 +80,7 @@ pub fn register() {
 }
 
 fn text(setting: &GucSetting<Option<CString>>) -> String {
-    setting
-        .get()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 pub fn database() -> String {

@@ -29,9 +29,6 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![
-            "shared_preload_libraries = 'wal_listener'",
-            "wal_level = logical",
-        ]
+        vec!["shared_preload_libraries = 'wal_listener'", "wal_level = logical"]
     }
 }

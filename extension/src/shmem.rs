@@ -62,12 +62,7 @@ pub fn init() {
 /// A new worker process starts: counters restart from zero.
 pub fn worker_started(pid: i32, started_at: i64) {
     let mut status = STATUS.exclusive();
-    *status = WorkerStatus {
-        pid,
-        started_at,
-        state: State::Connecting as u8,
-        ..WorkerStatus::default()
-    };
+    *status = WorkerStatus { pid, started_at, state: State::Connecting as u8, ..WorkerStatus::default() };
 }
 
 /// Copies the pipeline's status in.
@@ -118,11 +113,7 @@ pub fn read() -> Option<StatusRow> {
     let s = *STATUS.share();
     let nonzero = |v: i64| Some(v).filter(|&v| v != 0);
     Some(StatusRow {
-        state: if s.state == NOT_STARTED {
-            "waiting"
-        } else {
-            State::from_u8(s.state).as_str()
-        },
+        state: if s.state == NOT_STARTED { "waiting" } else { State::from_u8(s.state).as_str() },
         pid: Some(s.pid).filter(|&p| p != 0),
         nats_connected: s.nats_connected,
         events_published: s.events_published as i64,

@@ -45,8 +45,7 @@ fn _worker_status() -> TableIterator<
             "0/0".to_string(),
             None,
             Some(
-                "wal_listener is not in shared_preload_libraries; add it and restart the server"
-                    .to_string(),
+                "wal_listener is not in shared_preload_libraries; add it and restart the server".to_string(),
             ),
             None,
             None,

@@ -67,14 +67,9 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
         Arc::new(StatusBoard::new(Box::new(move || EventFd::signal(fd))))
     };
     let runtime = build_runtime();
-    let (config_tx, config_rx) =
-        watch::channel(PipelineConfig::new(source.clone(), gucs::publish_config()));
+    let (config_tx, config_rx) = watch::channel(PipelineConfig::new(source.clone(), gucs::publish_config()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let supervisor = runtime.spawn(pipeline::run_supervised(
-        config_rx,
-        board.clone(),
-        shutdown_rx,
-    ));
+    let supervisor = runtime.spawn(pipeline::run_supervised(config_rx, board.clone(), shutdown_rx));
 
     loop {
         let events = unsafe {
@@ -139,22 +134,15 @@ fn write_log(board: &StatusBoard) {
 /// Name of the role initdb created (OID 10), read from the shared catalog.
 fn bootstrap_superuser() -> String {
     BackgroundWorker::transaction(|| unsafe {
-        let name =
-            pg_sys::GetUserNameFromId(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false);
+        let name = pg_sys::GetUserNameFromId(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), false);
         CStr::from_ptr(name).to_string_lossy().into_owned()
     })
 }
 
 /// First directory of `unix_socket_directories`, where the server listens.
 fn server_socket_dir() -> String {
-    let dirs = unsafe { CStr::from_ptr(pg_sys::Unix_socket_directories) }
-        .to_string_lossy()
-        .into_owned();
-    dirs.split(',')
-        .map(|d| d.trim().trim_matches('"'))
-        .find(|d| !d.is_empty())
-        .unwrap_or("/tmp")
-        .to_owned()
+    let dirs = unsafe { CStr::from_ptr(pg_sys::Unix_socket_directories) }.to_string_lossy().into_owned();
+    dirs.split(',').map(|d| d.trim().trim_matches('"')).find(|d| !d.is_empty()).unwrap_or("/tmp").to_owned()
 }
 
 /// A runtime whose threads never run Postgres' signal handlers: a handler on
@@ -184,13 +172,7 @@ fn block_async_signals() -> libc::sigset_t {
         let mut set: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
-        for sync_signal in [
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGFPE,
-            libc::SIGILL,
-            libc::SIGTRAP,
-        ] {
+        for sync_signal in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL, libc::SIGTRAP] {
             libc::sigdelset(&mut set, sync_signal);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous);
@@ -207,10 +189,7 @@ impl EventFd {
     fn new() -> Self {
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
-            error!(
-                "wal_listener: eventfd failed: {}",
-                std::io::Error::last_os_error()
-            );
+            error!("wal_listener: eventfd failed: {}", std::io::Error::last_os_error());
         }
         EventFd { fd }
     }

@@ -36,11 +36,7 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventError {
     /// The tuple does not match the relation pgoutput described.
-    ColumnCountMismatch {
-        table: String,
-        columns: usize,
-        values: usize,
-    },
+    ColumnCountMismatch { table: String, columns: usize, values: usize },
     /// A text value was not UTF-8 although the session asks for UTF-8.
     InvalidUtf8 { table: String, column: String },
 }
@@ -132,13 +128,7 @@ pub fn encode_event(
     out.extend_from_slice(change.action.as_str().as_bytes());
     out.extend_from_slice(b"\",\"data\":");
     let mut unchanged_toast = Vec::new();
-    write_row(
-        out,
-        change.relation,
-        change.new,
-        false,
-        &mut unchanged_toast,
-    )?;
+    write_row(out, change.relation, change.new, false, &mut unchanged_toast)?;
     out.extend_from_slice(b",\"dataOld\":");
     let (old, key_only) = match change.old {
         Some(OldTuple::Key(key)) => (Some(key), true),
@@ -193,12 +183,12 @@ fn write_row<'r>(
                     continue;
                 }
                 Value::Null => None,
-                Value::Text(bytes) | Value::Binary(bytes) => Some(
-                    std::str::from_utf8(bytes).map_err(|_| EventError::InvalidUtf8 {
+                Value::Text(bytes) | Value::Binary(bytes) => {
+                    Some(std::str::from_utf8(bytes).map_err(|_| EventError::InvalidUtf8 {
                         table: qualified_name(relation),
                         column: column.name.clone(),
-                    })?,
-                ),
+                    })?)
+                }
             };
             if !first {
                 out.push(b',');

@@ -2,49 +2,28 @@ use super::*;
 use crate::pgoutput::Column;
 
 fn users() -> Relation {
-    let column = |name: &str, type_oid, is_key| Column {
-        name: name.into(),
-        type_oid,
-        type_modifier: -1,
-        is_key,
-    };
+    let column =
+        |name: &str, type_oid, is_key| Column { name: name.into(), type_oid, type_modifier: -1, is_key };
     Relation {
         id: 1,
         namespace: "public".into(),
         name: "users".into(),
         replica_identity: b'd',
-        columns: vec![
-            column("id", 23, true),
-            column("email", 25, false),
-            column("bio", 25, false),
-        ],
+        columns: vec![column("id", 23, true), column("email", 25, false), column("bio", 25, false)],
     }
 }
 
 fn encode(change: &RowChange<'_, '_>) -> String {
     let mut out = Vec::new();
-    encode_event(
-        &mut out,
-        "00000000-0000-0000-0000-000000000001",
-        change,
-        848_871_822_123_456,
-    )
-    .unwrap();
+    encode_event(&mut out, "00000000-0000-0000-0000-000000000001", change, 848_871_822_123_456).unwrap();
     String::from_utf8(out).unwrap()
 }
 
 #[test]
 fn insert_has_the_seven_wal_listener_keys_in_order() {
     let relation = users();
-    let new = TupleData {
-        values: vec![Value::Text(b"1"), Value::Text(b"a@b.c"), Value::Null],
-    };
-    let json = encode(&RowChange {
-        relation: &relation,
-        action: Action::Insert,
-        new: Some(&new),
-        old: None,
-    });
+    let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"a@b.c"), Value::Null] };
+    let json = encode(&RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None });
     assert_eq!(
         json,
         r#"{"id":"00000000-0000-0000-0000-000000000001","schema":"public","table":"users","action":"INSERT","data":{"id":1,"email":"a@b.c","bio":null},"dataOld":{},"commitTime":"2026-11-24T21:43:42.123456Z"}"#
@@ -54,54 +33,26 @@ fn insert_has_the_seven_wal_listener_keys_in_order() {
 #[test]
 fn delete_has_empty_data_and_only_the_key_in_data_old() {
     let relation = users();
-    let old = OldTuple::Key(TupleData {
-        values: vec![Value::Text(b"7"), Value::Null, Value::Null],
-    });
-    let json = encode(&RowChange {
-        relation: &relation,
-        action: Action::Delete,
-        new: None,
-        old: Some(&old),
-    });
-    assert!(
-        json.contains(r#""action":"DELETE","data":{},"dataOld":{"id":7},"#),
-        "{json}"
-    );
+    let old = OldTuple::Key(TupleData { values: vec![Value::Text(b"7"), Value::Null, Value::Null] });
+    let json = encode(&RowChange { relation: &relation, action: Action::Delete, new: None, old: Some(&old) });
+    assert!(json.contains(r#""action":"DELETE","data":{},"dataOld":{"id":7},"#), "{json}");
 }
 
 #[test]
 fn full_old_row_keeps_every_column() {
     let relation = users();
-    let old = OldTuple::Full(TupleData {
-        values: vec![Value::Text(b"7"), Value::Text(b"e"), Value::Null],
-    });
-    let new = TupleData {
-        values: vec![Value::Text(b"7"), Value::Text(b"f"), Value::Null],
-    };
-    let json = encode(&RowChange {
-        relation: &relation,
-        action: Action::Update,
-        new: Some(&new),
-        old: Some(&old),
-    });
-    assert!(
-        json.contains(r#""dataOld":{"id":7,"email":"e","bio":null}"#),
-        "{json}"
-    );
+    let old = OldTuple::Full(TupleData { values: vec![Value::Text(b"7"), Value::Text(b"e"), Value::Null] });
+    let new = TupleData { values: vec![Value::Text(b"7"), Value::Text(b"f"), Value::Null] };
+    let json =
+        encode(&RowChange { relation: &relation, action: Action::Update, new: Some(&new), old: Some(&old) });
+    assert!(json.contains(r#""dataOld":{"id":7,"email":"e","bio":null}"#), "{json}");
 }
 
 #[test]
 fn unchanged_toast_is_left_out_and_named() {
     let relation = users();
-    let new = TupleData {
-        values: vec![Value::Text(b"1"), Value::Text(b"x"), Value::UnchangedToast],
-    };
-    let json = encode(&RowChange {
-        relation: &relation,
-        action: Action::Update,
-        new: Some(&new),
-        old: None,
-    });
+    let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"x"), Value::UnchangedToast] };
+    let json = encode(&RowChange { relation: &relation, action: Action::Update, new: Some(&new), old: None });
     assert!(json.contains(r#""data":{"id":1,"email":"x"}"#), "{json}");
     assert!(json.ends_with(r#","unchangedToast":["bio"]}"#), "{json}");
 }
@@ -109,49 +60,25 @@ fn unchanged_toast_is_left_out_and_named() {
 #[test]
 fn mismatched_tuple_is_an_error() {
     let relation = users();
-    let new = TupleData {
-        values: vec![Value::Text(b"1")],
-    };
+    let new = TupleData { values: vec![Value::Text(b"1")] };
     let mut out = Vec::new();
     let err = encode_event(
         &mut out,
         "nil",
-        &RowChange {
-            relation: &relation,
-            action: Action::Insert,
-            new: Some(&new),
-            old: None,
-        },
+        &RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None },
         0,
     )
     .unwrap_err();
-    assert_eq!(
-        err,
-        EventError::ColumnCountMismatch {
-            table: "public.users".into(),
-            columns: 3,
-            values: 1
-        }
-    );
+    assert_eq!(err, EventError::ColumnCountMismatch { table: "public.users".into(), columns: 3, values: 1 });
 }
 
 #[test]
 fn invalid_utf8_is_an_error() {
     let relation = users();
-    let new = TupleData {
-        values: vec![Value::Text(b"1"), Value::Text(b"\xff"), Value::Null],
-    };
+    let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"\xff"), Value::Null] };
     let mut out = Vec::new();
-    let change = RowChange {
-        relation: &relation,
-        action: Action::Insert,
-        new: Some(&new),
-        old: None,
-    };
-    assert!(matches!(
-        encode_event(&mut out, "nil", &change, 0),
-        Err(EventError::InvalidUtf8 { .. })
-    ));
+    let change = RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None };
+    assert!(matches!(encode_event(&mut out, "nil", &change, 0), Err(EventError::InvalidUtf8 { .. })));
 }
 
 #[test]
@@ -165,32 +92,17 @@ fn ids_are_deterministic_and_distinct() {
         ids.id(Lsn(0x100), 0),
         EventIds::new(7_300_000_000_000_000_002, "wal_listener").id(Lsn(0x100), 0)
     );
-    assert_ne!(
-        ids.id(Lsn(0x100), 0),
-        EventIds::new(7_300_000_000_000_000_001, "other").id(Lsn(0x100), 0)
-    );
+    assert_ne!(ids.id(Lsn(0x100), 0), EventIds::new(7_300_000_000_000_000_001, "other").id(Lsn(0x100), 0));
     // A slot name too long for the stack buffer still gives the same kind of id.
     let long = EventIds::new(1, &"s".repeat(200));
     assert_eq!(long.id(Lsn(1), 2), long.id(Lsn(1), 2));
     let mut buf = [0u8; 36];
-    assert_eq!(
-        ids.id_text(Lsn(0x100), 0, &mut buf),
-        ids.id(Lsn(0x100), 0).to_string()
-    );
+    assert_eq!(ids.id_text(Lsn(0x100), 0, &mut buf), ids.id(Lsn(0x100), 0).to_string());
 }
 
 #[test]
 fn subjects_follow_the_wal_listener_scheme() {
-    assert_eq!(
-        default_subject("wal_listener", "", "public", "users"),
-        "wal_listener.public_users"
-    );
-    assert_eq!(
-        default_subject("events", "app.", "public", "users"),
-        "events.app.public_users"
-    );
-    assert_eq!(
-        default_subject("t", "", "my schema", "a.b*c>"),
-        "t.my_schema_a_b_c_"
-    );
+    assert_eq!(default_subject("wal_listener", "", "public", "users"), "wal_listener.public_users");
+    assert_eq!(default_subject("events", "app.", "public", "users"), "events.app.public_users");
+    assert_eq!(default_subject("t", "", "my schema", "a.b*c>"), "t.my_schema_a_b_c_");
 }

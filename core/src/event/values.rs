@@ -65,10 +65,7 @@ mod tests {
     fn scalars() {
         assert_eq!(value(oid::BOOL, "t"), "true");
         assert_eq!(value(oid::BOOL, "f"), "false");
-        assert_eq!(
-            value(oid::INT8, "-9223372036854775808"),
-            "-9223372036854775808"
-        );
+        assert_eq!(value(oid::INT8, "-9223372036854775808"), "-9223372036854775808");
         assert_eq!(value(oid::FLOAT8, "1.5e-07"), "1.5e-07");
         assert_eq!(value(oid::FLOAT4, "NaN"), r#""NaN""#);
         assert_eq!(value(oid::FLOAT8, "-Infinity"), r#""-Infinity""#);
@@ -78,10 +75,7 @@ mod tests {
 
     #[test]
     fn json_is_nested() {
-        assert_eq!(
-            value(oid::JSONB, r#"{"a": [1, null]}"#),
-            r#"{"a": [1, null]}"#
-        );
+        assert_eq!(value(oid::JSONB, r#"{"a": [1, null]}"#), r#"{"a": [1, null]}"#);
         assert_eq!(value(oid::JSON, "\"s\""), "\"s\"");
     }
 
@@ -91,14 +85,8 @@ mod tests {
             value(oid::TIMESTAMPTZ, "2026-11-24 21:43:42.123456+00"),
             r#""2026-11-24T21:43:42.123456Z""#
         );
-        assert_eq!(
-            value(oid::TIMESTAMPTZ, "2026-11-24 21:43:42+00"),
-            r#""2026-11-24T21:43:42Z""#
-        );
+        assert_eq!(value(oid::TIMESTAMPTZ, "2026-11-24 21:43:42+00"), r#""2026-11-24T21:43:42Z""#);
         assert_eq!(value(oid::TIMESTAMPTZ, "infinity"), r#""infinity""#);
-        assert_eq!(
-            value(oid::TIMESTAMPTZ, "0044-03-15 12:00:00+00 BC"),
-            r#""0044-03-15 12:00:00+00 BC""#
-        );
+        assert_eq!(value(oid::TIMESTAMPTZ, "0044-03-15 12:00:00+00 BC"), r#""0044-03-15 12:00:00+00 BC""#);
     }
 }

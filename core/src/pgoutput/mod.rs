@@ -22,40 +22,14 @@ pub type PgTimestamp = i64;
 pub enum Message<'a> {
     Begin(Begin),
     Commit(Commit),
-    Origin {
-        commit_lsn: Lsn,
-        name: &'a str,
-    },
+    Origin { commit_lsn: Lsn, name: &'a str },
     Relation(Relation),
-    Type {
-        oid: u32,
-        namespace: &'a str,
-        name: &'a str,
-    },
-    Insert {
-        relation_id: u32,
-        new: TupleData<'a>,
-    },
-    Update {
-        relation_id: u32,
-        old: Option<OldTuple<'a>>,
-        new: TupleData<'a>,
-    },
-    Delete {
-        relation_id: u32,
-        old: OldTuple<'a>,
-    },
-    Truncate {
-        relation_ids: Vec<u32>,
-        cascade: bool,
-        restart_identity: bool,
-    },
-    Message {
-        transactional: bool,
-        lsn: Lsn,
-        prefix: &'a str,
-        content: &'a [u8],
-    },
+    Type { oid: u32, namespace: &'a str, name: &'a str },
+    Insert { relation_id: u32, new: TupleData<'a> },
+    Update { relation_id: u32, old: Option<OldTuple<'a>>, new: TupleData<'a> },
+    Delete { relation_id: u32, old: OldTuple<'a> },
+    Truncate { relation_ids: Vec<u32>, cascade: bool, restart_identity: bool },
+    Message { transactional: bool, lsn: Lsn, prefix: &'a str, content: &'a [u8] },
 }
 
 /// Start of a committed transaction.
@@ -106,37 +80,14 @@ pub enum Value<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecodeError {
     Empty,
-    UnknownMessage {
-        tag: u8,
-    },
-    Truncated {
-        needed: usize,
-        at: usize,
-        len: usize,
-    },
-    UnterminatedString {
-        at: usize,
-    },
-    InvalidUtf8 {
-        at: usize,
-    },
-    NegativeLength {
-        at: usize,
-        len: i64,
-    },
-    UnknownTupleKind {
-        kind: u8,
-        at: usize,
-    },
-    UnexpectedSubmessage {
-        expected: &'static str,
-        found: u8,
-        at: usize,
-    },
-    TrailingBytes {
-        tag: u8,
-        extra: usize,
-    },
+    UnknownMessage { tag: u8 },
+    Truncated { needed: usize, at: usize, len: usize },
+    UnterminatedString { at: usize },
+    InvalidUtf8 { at: usize },
+    NegativeLength { at: usize, len: i64 },
+    UnknownTupleKind { kind: u8, at: usize },
+    UnexpectedSubmessage { expected: &'static str, found: u8, at: usize },
+    TrailingBytes { tag: u8, extra: usize },
 }
 
 impl fmt::Display for DecodeError {
@@ -144,17 +95,10 @@ impl fmt::Display for DecodeError {
         match self {
             DecodeError::Empty => write!(f, "empty pgoutput message"),
             DecodeError::UnknownMessage { tag } => {
-                write!(
-                    f,
-                    "unknown pgoutput message type {:?} (0x{tag:02x})",
-                    char::from(*tag)
-                )
+                write!(f, "unknown pgoutput message type {:?} (0x{tag:02x})", char::from(*tag))
             }
             DecodeError::Truncated { needed, at, len } => {
-                write!(
-                    f,
-                    "truncated pgoutput message: needed {needed} bytes at offset {at} of {len}"
-                )
+                write!(f, "truncated pgoutput message: needed {needed} bytes at offset {at} of {len}")
             }
             DecodeError::UnterminatedString { at } => {
                 write!(f, "unterminated string at offset {at}")
@@ -164,29 +108,13 @@ impl fmt::Display for DecodeError {
                 write!(f, "negative length {len} at offset {at}")
             }
             DecodeError::UnknownTupleKind { kind, at } => {
-                write!(
-                    f,
-                    "unknown column kind {:?} at offset {at}",
-                    char::from(*kind)
-                )
+                write!(f, "unknown column kind {:?} at offset {at}", char::from(*kind))
             }
-            DecodeError::UnexpectedSubmessage {
-                expected,
-                found,
-                at,
-            } => {
-                write!(
-                    f,
-                    "expected {expected} at offset {at}, found {:?}",
-                    char::from(*found)
-                )
+            DecodeError::UnexpectedSubmessage { expected, found, at } => {
+                write!(f, "expected {expected} at offset {at}, found {:?}", char::from(*found))
             }
             DecodeError::TrailingBytes { tag, extra } => {
-                write!(
-                    f,
-                    "{extra} unexpected bytes after pgoutput message {:?}",
-                    char::from(*tag)
-                )
+                write!(f, "{extra} unexpected bytes after pgoutput message {:?}", char::from(*tag))
             }
         }
     }
@@ -199,11 +127,7 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
     let mut r = Reader::new(buf);
     let tag = r.u8().map_err(|_| DecodeError::Empty)?;
     let message = match tag {
-        b'B' => Message::Begin(Begin {
-            final_lsn: Lsn(r.u64()?),
-            commit_time: r.i64()?,
-            xid: r.u32()?,
-        }),
+        b'B' => Message::Begin(Begin { final_lsn: Lsn(r.u64()?), commit_time: r.i64()?, xid: r.u32()? }),
         b'C' => {
             let _flags = r.u8()?;
             Message::Commit(Commit {
@@ -212,23 +136,13 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
                 commit_time: r.i64()?,
             })
         }
-        b'O' => Message::Origin {
-            commit_lsn: Lsn(r.u64()?),
-            name: r.cstr()?,
-        },
+        b'O' => Message::Origin { commit_lsn: Lsn(r.u64()?), name: r.cstr()? },
         b'R' => Message::Relation(relations::decode_relation(&mut r)?),
-        b'Y' => Message::Type {
-            oid: r.u32()?,
-            namespace: r.cstr()?,
-            name: r.cstr()?,
-        },
+        b'Y' => Message::Type { oid: r.u32()?, namespace: r.cstr()?, name: r.cstr()? },
         b'I' => {
             let relation_id = r.u32()?;
             expect_submessage(&mut r, b'N', "'N' (new tuple)")?;
-            Message::Insert {
-                relation_id,
-                new: tuple_data(&mut r)?,
-            }
+            Message::Insert { relation_id, new: tuple_data(&mut r)? }
         }
         b'U' => {
             let relation_id = r.u32()?;
@@ -238,21 +152,13 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
                 b'O' => Some(OldTuple::Full(tuple_data(&mut r)?)),
                 b'N' => None,
                 found => {
-                    return Err(DecodeError::UnexpectedSubmessage {
-                        expected: "'K', 'O' or 'N'",
-                        found,
-                        at,
-                    })
+                    return Err(DecodeError::UnexpectedSubmessage { expected: "'K', 'O' or 'N'", found, at })
                 }
             };
             if old.is_some() {
                 expect_submessage(&mut r, b'N', "'N' (new tuple)")?;
             }
-            Message::Update {
-                relation_id,
-                old,
-                new: tuple_data(&mut r)?,
-            }
+            Message::Update { relation_id, old, new: tuple_data(&mut r)? }
         }
         b'D' => {
             let relation_id = r.u32()?;
@@ -260,13 +166,7 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
             let old = match r.u8()? {
                 b'K' => OldTuple::Key(tuple_data(&mut r)?),
                 b'O' => OldTuple::Full(tuple_data(&mut r)?),
-                found => {
-                    return Err(DecodeError::UnexpectedSubmessage {
-                        expected: "'K' or 'O'",
-                        found,
-                        at,
-                    })
-                }
+                found => return Err(DecodeError::UnexpectedSubmessage { expected: "'K' or 'O'", found, at }),
             };
             Message::Delete { relation_id, old }
         }
@@ -274,59 +174,33 @@ pub fn decode(buf: &[u8]) -> Result<Message<'_>, DecodeError> {
             let count = r.u32()?;
             let options = r.u8()?;
             // Each id is 4 bytes: check before allocating so a corrupt count cannot.
-            let needed = usize::try_from(count)
-                .unwrap_or(usize::MAX)
-                .saturating_mul(4);
+            let needed = usize::try_from(count).unwrap_or(usize::MAX).saturating_mul(4);
             if needed > r.remaining() {
-                return Err(DecodeError::Truncated {
-                    needed,
-                    at: r.position(),
-                    len: buf.len(),
-                });
+                return Err(DecodeError::Truncated { needed, at: r.position(), len: buf.len() });
             }
             let relation_ids = (0..count).map(|_| r.u32()).collect::<Result<_, _>>()?;
-            Message::Truncate {
-                relation_ids,
-                cascade: options & 1 != 0,
-                restart_identity: options & 2 != 0,
-            }
+            Message::Truncate { relation_ids, cascade: options & 1 != 0, restart_identity: options & 2 != 0 }
         }
         b'M' => {
             let flags = r.u8()?;
             let lsn = Lsn(r.u64()?);
             let prefix = r.cstr()?;
             let content = r.sized_bytes()?;
-            Message::Message {
-                transactional: flags & 1 != 0,
-                lsn,
-                prefix,
-                content,
-            }
+            Message::Message { transactional: flags & 1 != 0, lsn, prefix, content }
         }
         tag => return Err(DecodeError::UnknownMessage { tag }),
     };
     if r.remaining() != 0 {
-        return Err(DecodeError::TrailingBytes {
-            tag,
-            extra: r.remaining(),
-        });
+        return Err(DecodeError::TrailingBytes { tag, extra: r.remaining() });
     }
     Ok(message)
 }
 
-fn expect_submessage(
-    r: &mut Reader<'_>,
-    want: u8,
-    expected: &'static str,
-) -> Result<(), DecodeError> {
+fn expect_submessage(r: &mut Reader<'_>, want: u8, expected: &'static str) -> Result<(), DecodeError> {
     let at = r.position();
     let found = r.u8()?;
     if found != want {
-        return Err(DecodeError::UnexpectedSubmessage {
-            expected,
-            found,
-            at,
-        });
+        return Err(DecodeError::UnexpectedSubmessage { expected, found, at });
     }
     Ok(())
 }

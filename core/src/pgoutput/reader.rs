@@ -23,11 +23,7 @@ impl<'a> Reader<'a> {
 
     pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.remaining() < n {
-            return Err(DecodeError::Truncated {
-                needed: n,
-                at: self.pos,
-                len: self.buf.len(),
-            });
+            return Err(DecodeError::Truncated { needed: n, at: self.pos, len: self.buf.len() });
         }
         let out = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -68,12 +64,9 @@ impl<'a> Reader<'a> {
     /// which the loopback session pins to UTF-8.
     pub(crate) fn cstr(&mut self) -> Result<&'a str, DecodeError> {
         let rest = &self.buf[self.pos..];
-        let nul = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(DecodeError::UnterminatedString { at: self.pos })?;
-        let s = std::str::from_utf8(&rest[..nul])
-            .map_err(|_| DecodeError::InvalidUtf8 { at: self.pos })?;
+        let nul =
+            rest.iter().position(|&b| b == 0).ok_or(DecodeError::UnterminatedString { at: self.pos })?;
+        let s = std::str::from_utf8(&rest[..nul]).map_err(|_| DecodeError::InvalidUtf8 { at: self.pos })?;
         self.pos += nul + 1;
         Ok(s)
     }
@@ -82,20 +75,15 @@ impl<'a> Reader<'a> {
     pub(crate) fn count(&mut self) -> Result<usize, DecodeError> {
         let at = self.pos;
         let count = self.i16()?;
-        usize::try_from(count).map_err(|_| DecodeError::NegativeLength {
-            at,
-            len: i64::from(count),
-        })
+        usize::try_from(count).map_err(|_| DecodeError::NegativeLength { at, len: i64::from(count) })
     }
 
     /// A length-prefixed value; the length must not be negative.
     pub(crate) fn sized_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let at = self.pos;
         let len = self.i32()?;
-        let len = usize::try_from(len).map_err(|_| DecodeError::NegativeLength {
-            at,
-            len: i64::from(len),
-        })?;
+        let len =
+            usize::try_from(len).map_err(|_| DecodeError::NegativeLength { at, len: i64::from(len) })?;
         self.bytes(len)
     }
 }

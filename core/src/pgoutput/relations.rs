@@ -43,13 +43,7 @@ pub(super) fn decode_relation(r: &mut Reader<'_>) -> Result<Relation, DecodeErro
             is_key: flags & 1 != 0,
         });
     }
-    Ok(Relation {
-        id,
-        namespace,
-        name,
-        replica_identity,
-        columns,
-    })
+    Ok(Relation { id, namespace, name, replica_identity, columns })
 }
 
 /// Relations by id; a new description of the same id replaces the old one.
