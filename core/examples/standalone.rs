@@ -32,9 +32,7 @@ async fn main() {
     };
     let source = SourceConfig {
         socket_dir: option("socket-dir", None),
-        port: option("port", None)
-            .parse()
-            .expect("--port must be a number"),
+        port: option("port", None).parse().expect("--port must be a number"),
         user: option("user", Some("postgres")),
         database: option("database", None),
         slot: option("slot", Some("wal_listener")),
@@ -47,15 +45,12 @@ async fn main() {
         topic_prefix: String::new(),
         create_stream: true,
         max_in_flight: 4096,
+        auth: Default::default(),
     };
     let board = Arc::new(StatusBoard::new(Box::new(|| {})));
     let (_config_tx, config_rx) = watch::channel(PipelineConfig::new(source, publish));
     let (_shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(pipeline::run_supervised(
-        config_rx,
-        board.clone(),
-        shutdown_rx,
-    ));
+    tokio::spawn(pipeline::run_supervised(config_rx, board.clone(), Default::default(), shutdown_rx));
 
     let mut last_state = None;
     loop {

@@ -28,6 +28,27 @@ pub struct PublishConfig {
     pub create_stream: bool,
     /// Cap on un-acked publishes.
     pub max_in_flight: usize,
+    pub auth: NatsAuth,
+}
+
+/// NATS credentials; empty strings mean "not set".
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    pub user: String,
+    pub password: String,
+    pub token: String,
+}
+
+/// Never prints secrets, so a config can be logged.
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |s: &str| if s.is_empty() { "" } else { "<set>" };
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &set(&self.password))
+            .field("token", &set(&self.token))
+            .finish()
+    }
 }
 
 /// Everything the pipeline needs.

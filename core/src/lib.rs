@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod filters;
 mod lsn;
 pub mod pgoutput;
 pub mod pipeline;

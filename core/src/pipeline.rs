@@ -10,13 +10,14 @@ use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
-use crate::config::{PipelineConfig, PublishConfig};
+use crate::config::{PipelineConfig, SourceConfig};
 use crate::event::{default_subject, encode_event, Action, EventIds, RowChange};
-use crate::pgoutput::{self, Message, OldTuple, PgTimestamp, RelationCache, TupleData};
+use crate::filters::{Decision, Filters};
+use crate::pgoutput::{self, Message, OldTuple, PgTimestamp, Relation, RelationCache, TupleData, Value};
 use crate::publish::{AckFuture, Publisher};
-use crate::replication::{self, OpenError};
+use crate::replication::{self, OpenError, Session};
 use crate::status::{LogLevel, State, StatusBoard};
 use crate::{Error, Lsn};
 
@@ -26,9 +27,11 @@ const NOT_READY_RETRY: Duration = Duration::from_secs(2);
 /// Runs the pipeline until `shutdown` becomes true. Every failure is
 /// reported on `board`, followed by a growing delay and a restart from the
 /// slot's confirmed position; a new config restarts it at once.
+/// `restart` drops the connections and starts over from the slot at once.
 pub async fn run_supervised(
     mut config: watch::Receiver<PipelineConfig>,
     board: Arc<StatusBoard>,
+    restart: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut delay: Option<Duration> = None;
@@ -50,6 +53,12 @@ pub async fn run_supervised(
             _ = config_changed(&mut config) => {
                 attempt.abort();
                 board.log(LogLevel::Info, "configuration changed; reconnecting".into());
+                delay = None;
+                continue;
+            }
+            _ = restart.notified() => {
+                attempt.abort();
+                board.log(LogLevel::Info, "restart requested; reconnecting".into());
                 delay = None;
                 continue;
             }
@@ -84,6 +93,7 @@ pub async fn run_supervised(
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = config_changed(&mut config) => { delay = None; }
+            _ = restart.notified() => { delay = None; }
             _ = stop_requested(&mut shutdown) => {}
         }
     }
@@ -121,9 +131,7 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
             cfg.source.slot, session.start_lsn, cfg.publish.nats_url
         ),
     );
-    let ids = EventIds::new(session.system_identifier, &cfg.source.slot);
-    let mut streamer = Streamer::new(session.client, publisher, ids, &cfg.publish, board);
-    streamer.confirm(session.start_lsn);
+    let mut streamer = Streamer::new(session, publisher, &cfg, board);
     Err(OpenError::Failed(streamer.run().await))
 }
 
@@ -139,12 +147,17 @@ struct Streamer {
     client: ReplicationClient,
     publisher: Publisher,
     board: Arc<StatusBoard>,
+    source: SourceConfig,
     ids: EventIds,
     topic: String,
     topic_prefix: String,
     max_in_flight: usize,
     relations: RelationCache,
+    /// Subject per relation id, after filters; cleared when either changes.
     subjects: HashMap<u32, Subject>,
+    filters: Filters,
+    /// A filter version met in the current transaction, in force from its commit.
+    pending_filters: Option<(i64, Filters)>,
     transaction: Option<Transaction>,
     /// PubAck futures in publish order.
     in_flight: FuturesOrdered<AckFuture>,
@@ -158,23 +171,20 @@ struct Streamer {
 }
 
 impl Streamer {
-    fn new(
-        client: ReplicationClient,
-        publisher: Publisher,
-        ids: EventIds,
-        cfg: &PublishConfig,
-        board: Arc<StatusBoard>,
-    ) -> Self {
-        Streamer {
-            client,
+    fn new(session: Session, publisher: Publisher, cfg: &PipelineConfig, board: Arc<StatusBoard>) -> Self {
+        let mut streamer = Streamer {
+            ids: EventIds::new(session.system_identifier, &cfg.source.slot),
+            client: session.client,
             publisher,
             board,
-            ids,
-            topic: cfg.topic.clone(),
-            topic_prefix: cfg.topic_prefix.clone(),
-            max_in_flight: cfg.max_in_flight.max(1),
+            source: cfg.source.clone(),
+            topic: cfg.publish.topic.clone(),
+            topic_prefix: cfg.publish.topic_prefix.clone(),
+            max_in_flight: cfg.publish.max_in_flight.max(1),
             relations: RelationCache::default(),
             subjects: HashMap::new(),
+            filters: session.filters,
+            pending_filters: None,
             transaction: None,
             in_flight: FuturesOrdered::new(),
             published: 0,
@@ -182,7 +192,9 @@ impl Streamer {
             commits: VecDeque::new(),
             confirmed: Lsn(0),
             last_event_len: 256,
-        }
+        };
+        streamer.confirm(session.start_lsn);
+        streamer
     }
 
     /// Streams until an error; it never ends otherwise.
@@ -234,82 +246,76 @@ impl Streamer {
 
     async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
         match event {
-            ReplicationEvent::Begin {
-                final_lsn,
-                xid: _,
-                commit_time_micros,
-            } => {
+            ReplicationEvent::Begin { final_lsn, xid: _, commit_time_micros } => {
                 self.begin(final_lsn.into(), commit_time_micros);
                 Ok(())
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
-                self.commit(end_lsn.into());
-                Ok(())
-            }
+            ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn.into()).await,
             ReplicationEvent::XLogData { data, .. } => self.on_pgoutput(&data).await,
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // Nothing received is unacked: the server's position is safe to confirm,
                 // so an idle or fully filtered database does not pin WAL.
-                if self.transaction.is_none()
-                    && self.commits.is_empty()
-                    && self.in_flight.is_empty()
-                {
+                if self.transaction.is_none() && self.commits.is_empty() && self.in_flight.is_empty() {
                     self.confirm(wal_end.into());
                 }
                 Ok(())
             }
             ReplicationEvent::Message { .. } => Ok(()),
-            ReplicationEvent::StoppedAt { reached } => Err(Error::Replication(format!(
-                "replication stopped at {reached} unexpectedly"
-            ))),
+            ReplicationEvent::StoppedAt { reached } => {
+                Err(Error::Replication(format!("replication stopped at {reached} unexpectedly")))
+            }
         }
     }
 
     fn begin(&mut self, commit_lsn: Lsn, commit_time: PgTimestamp) {
-        self.transaction = Some(Transaction {
-            commit_lsn,
-            commit_time,
-            next_ordinal: 0,
-        });
+        self.transaction = Some(Transaction { commit_lsn, commit_time, next_ordinal: 0 });
     }
 
-    fn commit(&mut self, end_lsn: Lsn) {
-        self.transaction = None;
+    async fn commit(&mut self, end_lsn: Lsn) -> Result<(), Error> {
+        let transaction = self.transaction.take();
+        if let (Some((version, filters)), Some(transaction)) = (self.pending_filters.take(), transaction) {
+            // Persist where this version took effect before any LSN past it
+            // can be confirmed: a restart then starts with the right filters.
+            replication::record_config_commit(&self.source, version, transaction.commit_lsn).await?;
+            self.board.log(
+                LogLevel::Info,
+                format!(
+                    "filters version {version} in force from {} ({} tables listed)",
+                    transaction.commit_lsn,
+                    filters.len()
+                ),
+            );
+            self.filters = filters;
+            self.subjects.clear();
+        }
         if self.acked == self.published && self.commits.is_empty() {
             self.confirm(end_lsn);
         } else {
             self.commits.push_back((self.published, end_lsn));
         }
+        Ok(())
     }
 
     async fn on_pgoutput(&mut self, data: &[u8]) -> Result<(), Error> {
         match pgoutput::decode(data)? {
             Message::Begin(begin) => self.begin(begin.final_lsn, begin.commit_time),
-            Message::Commit(commit) => self.commit(commit.end_lsn),
+            Message::Commit(commit) => self.commit(commit.end_lsn).await?,
             Message::Relation(relation) => {
                 self.subjects.remove(&relation.id);
                 self.relations.insert(relation);
             }
             Message::Insert { relation_id, new } => {
-                self.publish_change(relation_id, Action::Insert, Some(&new), None)
-                    .await?;
+                self.on_change(relation_id, Action::Insert, Some(&new), None).await?;
             }
-            Message::Update {
-                relation_id,
-                old,
-                new,
-            } => {
-                self.publish_change(relation_id, Action::Update, Some(&new), old.as_ref())
-                    .await?;
+            Message::Update { relation_id, old, new } => {
+                self.on_change(relation_id, Action::Update, Some(&new), old.as_ref()).await?;
             }
             Message::Delete { relation_id, old } => {
-                self.publish_change(relation_id, Action::Delete, None, Some(&old))
-                    .await?;
+                self.on_change(relation_id, Action::Delete, None, Some(&old)).await?;
             }
             Message::Truncate { relation_ids, .. } => {
                 for relation_id in relation_ids {
-                    self.publish_change(relation_id, Action::Truncate, None, None)
-                        .await?;
+                    self.on_change(relation_id, Action::Truncate, None, None).await?;
                 }
             }
             Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
@@ -317,7 +323,8 @@ impl Streamer {
         Ok(())
     }
 
-    async fn publish_change(
+    /// Filters, encodes and publishes one change (one truncated table).
+    async fn on_change(
         &mut self,
         relation_id: u32,
         action: Action,
@@ -325,10 +332,7 @@ impl Streamer {
         old: Option<&OldTuple<'_>>,
     ) -> Result<(), Error> {
         let transaction = self.transaction.as_mut().ok_or_else(|| {
-            Error::Replication(format!(
-                "protocol: {} outside a transaction",
-                action.as_str()
-            ))
+            Error::Replication(format!("protocol: {} outside a transaction", action.as_str()))
         })?;
         let ordinal = transaction.next_ordinal;
         transaction.next_ordinal += 1;
@@ -339,31 +343,36 @@ impl Streamer {
                 "protocol: change for relation id {relation_id}, which was never described"
             ))
         })?;
+        // The extension's own tables are configuration, never events.
+        if relation.namespace == EXTENSION_SCHEMA {
+            if relation.name == CONFIG_TABLE_NAME && action == Action::Insert {
+                self.pending_filters = Some(parse_config_row(relation, new)?);
+            }
+            return Ok(());
+        }
+        let subject_override = match self.filters.decide(relation_id, action) {
+            Decision::Skip => {
+                self.board.add_filtered(1);
+                return Ok(());
+            }
+            Decision::Publish(subject) => subject,
+        };
+
         let mut id_buf = [0u8; 36];
         let id = self.ids.id_text(commit_lsn, ordinal, &mut id_buf);
         let mut body = Vec::with_capacity(self.last_event_len + 64);
-        encode_event(
-            &mut body,
-            id,
-            &RowChange {
-                relation,
-                action,
-                new,
-                old,
-            },
-            commit_time,
-        )?;
+        encode_event(&mut body, id, &RowChange { relation, action, new, old }, commit_time)?;
         self.last_event_len = body.len();
         let subject = self
             .subjects
             .entry(relation_id)
             .or_insert_with(|| {
-                Subject::from(default_subject(
-                    &self.topic,
-                    &self.topic_prefix,
-                    &relation.namespace,
-                    &relation.name,
-                ))
+                Subject::from(match subject_override {
+                    Some(subject) => subject.to_owned(),
+                    None => {
+                        default_subject(&self.topic, &self.topic_prefix, &relation.namespace, &relation.name)
+                    }
+                })
             })
             .clone();
 
@@ -373,12 +382,29 @@ impl Streamer {
                 self.on_ack(ack)?;
             }
         }
-        let ack = self
-            .publisher
-            .publish(subject, id, Bytes::from(body))
-            .await?;
+        let ack = self.publisher.publish(subject, id, Bytes::from(body)).await?;
         self.in_flight.push_back(ack);
         self.published += 1;
         Ok(())
     }
+}
+
+/// Schema of the extension; its tables are never published.
+const EXTENSION_SCHEMA: &str = "wal_listener";
+const CONFIG_TABLE_NAME: &str = "config_changes";
+
+/// Reads (version, filters) from a new row of `wal_listener.config_changes`.
+fn parse_config_row(relation: &Relation, row: Option<&TupleData<'_>>) -> Result<(i64, Filters), Error> {
+    let text_of = |column: &str| -> Option<&str> {
+        let index = relation.columns.iter().position(|c| c.name == column)?;
+        match row?.values.get(index)? {
+            Value::Text(bytes) => std::str::from_utf8(bytes).ok(),
+            _ => None,
+        }
+    };
+    let bad = |what: String| Error::Setup(format!("invalid row in {}: {what}", replication::CONFIG_TABLE));
+    let version = text_of("version").and_then(|v| v.parse().ok()).ok_or_else(|| bad("no version".into()))?;
+    let filters =
+        Filters::from_json(text_of("filters").ok_or_else(|| bad("no filters".into()))?).map_err(bad)?;
+    Ok((version, filters))
 }

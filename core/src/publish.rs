@@ -29,7 +29,14 @@ impl Publisher {
     /// Connects and ensures the stream `<topic>` exists (creating it when allowed).
     pub async fn connect(cfg: &PublishConfig, board: &Arc<StatusBoard>) -> Result<Self, Error> {
         let events_board = board.clone();
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new();
+        if !cfg.auth.token.is_empty() {
+            options = options.token(cfg.auth.token.clone());
+        }
+        if !cfg.auth.user.is_empty() {
+            options = options.user_and_password(cfg.auth.user.clone(), cfg.auth.password.clone());
+        }
+        let client = options
             .connection_timeout(CONNECT_TIMEOUT)
             .name("wal_listener")
             .event_callback(move |event| {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig};
 
 use crate::config::SourceConfig;
+use crate::filters::Filters;
 use crate::{Error, Lsn};
 
 /// Pins every setting that shapes pgoutput's text values (DESIGN.md section 3).
@@ -18,12 +19,19 @@ const SESSION_OPTIONS: &str =
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 const IDLE_WAKEUP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Where filter changes live (written by the SQL functions) and the
+/// publication that streams them.
+pub const CONFIG_TABLE: &str = "wal_listener.config_changes";
+pub const CONFIG_PUBLICATION: &str = "wal_listener_config";
+
 /// Messages buffered between the socket reader and the pipeline; bounds memory.
 const RECEIVE_BUFFER_MESSAGES: usize = 1024;
 
 /// A checked replication session, ready to [`start`](Session::start).
 pub struct Session {
     pub client: ReplicationClient,
+    /// Filters in force at `start_lsn`; later changes arrive in the stream.
+    pub filters: Filters,
     pub system_identifier: u64,
     /// The slot's `confirmed_flush_lsn` when streaming started.
     pub start_lsn: Lsn,
@@ -44,42 +52,20 @@ impl From<Error> for OpenError {
 
 /// Connects, checks the server and creates the publication and slot when missing.
 pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {
-    let repl_cfg = ReplicationConfig::unix(
-        cfg.socket_dir.clone(),
-        cfg.port,
-        cfg.user.clone(),
-        String::new(),
-        cfg.database.clone(),
-        cfg.slot.clone(),
-        cfg.publication.clone(),
-    )
-    .with_options(SESSION_OPTIONS)
-    .with_application_name("wal_listener")
-    .with_status_interval(STATUS_INTERVAL)
-    .with_wakeup_interval(IDLE_WAKEUP_INTERVAL)
-    .with_buffer_size(RECEIVE_BUFFER_MESSAGES);
-
-    let mut client = ReplicationClient::connect_gated(repl_cfg)
-        .await
-        .map_err(|e| connect_error(cfg, e))?;
-    let system = client
-        .identify_system()
-        .await
-        .map_err(|e| connect_error(cfg, e))?;
+    // The config table has a publication of its own, so that filter changes
+    // reach the worker whatever the user's publication contains.
+    let mut publications = vec![cfg.publication.clone()];
+    if cfg.require_extension {
+        publications.push(CONFIG_PUBLICATION.to_owned());
+    }
+    let mut client = connect_gated(cfg, publications).await?;
+    let system = client.identify_system().await.map_err(|e| connect_error(cfg, e))?;
     let system_identifier = system.system_id.parse::<u64>().map_err(|_| {
-        Error::Replication(format!(
-            "IDENTIFY_SYSTEM returned a bad system id {:?}",
-            system.system_id
-        ))
+        Error::Replication(format!("IDENTIFY_SYSTEM returned a bad system id {:?}", system.system_id))
     })?;
 
-    let mut sql = Sql {
-        client: &mut client,
-    };
-    let wal_level = sql
-        .one_value("SELECT current_setting('wal_level')")
-        .await?
-        .unwrap_or_default();
+    let mut sql = Sql { client: &mut client };
+    let wal_level = sql.one_value("SELECT current_setting('wal_level')").await?.unwrap_or_default();
     if wal_level != "logical" {
         return Err(Error::Setup(format!(
             "wal_level is {wal_level}; set wal_level = logical in postgresql.conf and restart the server"
@@ -87,9 +73,8 @@ pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {
         .into());
     }
     if cfg.require_extension {
-        let installed = sql
-            .one_value("SELECT extname FROM pg_extension WHERE extname = 'wal_listener'")
-            .await?;
+        let installed =
+            sql.one_value("SELECT extname FROM pg_extension WHERE extname = 'wal_listener'").await?;
         if installed.is_none() {
             return Err(OpenError::NotReady(format!(
                 "waiting for CREATE EXTENSION wal_listener in database \"{}\"",
@@ -97,13 +82,22 @@ pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {
             )));
         }
     }
-    ensure_publication(&mut sql, &cfg.publication).await?;
-    let start_lsn = ensure_slot(&mut sql, cfg).await?;
-    Ok(Session {
-        client,
-        system_identifier,
-        start_lsn,
-    })
+    ensure_publication(&mut sql, &cfg.publication, "FOR ALL TABLES").await?;
+    let mut filters = Filters::default();
+    if cfg.require_extension {
+        ensure_publication(&mut sql, CONFIG_PUBLICATION, &format!("FOR TABLE {CONFIG_TABLE}")).await?;
+    }
+    let (start_lsn, slot_created) = ensure_slot(&mut sql, cfg).await?;
+    if cfg.require_extension {
+        if slot_created {
+            // Config committed before the slot existed is never streamed: it
+            // is in force from the start.
+            sql.execute(&format!("UPDATE {CONFIG_TABLE} SET commit_lsn = '0/0' WHERE commit_lsn IS NULL"))
+                .await?;
+        }
+        filters = filters_in_force_at(&mut sql, start_lsn).await?;
+    }
+    Ok(Session { client, filters, system_identifier, start_lsn })
 }
 
 impl Session {
@@ -115,6 +109,48 @@ impl Session {
     }
 }
 
+/// Opens a gated session: authenticated, able to run SQL, not streaming yet.
+async fn connect_gated(cfg: &SourceConfig, publications: Vec<String>) -> Result<ReplicationClient, Error> {
+    let repl_cfg = ReplicationConfig::unix(
+        cfg.socket_dir.clone(),
+        cfg.port,
+        cfg.user.clone(),
+        String::new(),
+        cfg.database.clone(),
+        cfg.slot.clone(),
+        publications,
+    )
+    .with_options(SESSION_OPTIONS)
+    .with_application_name("wal_listener")
+    .with_status_interval(STATUS_INTERVAL)
+    .with_wakeup_interval(IDLE_WAKEUP_INTERVAL)
+    .with_buffer_size(RECEIVE_BUFFER_MESSAGES);
+    ReplicationClient::connect_gated(repl_cfg).await.map_err(|e| connect_error(cfg, e))
+}
+
+/// The newest filter set whose commit the slot will not replay.
+async fn filters_in_force_at(sql: &mut Sql<'_>, start_lsn: Lsn) -> Result<Filters, Error> {
+    let query = format!(
+        "SELECT filters::text FROM {CONFIG_TABLE} WHERE commit_lsn < '{start_lsn}' ORDER BY version DESC LIMIT 1"
+    );
+    match sql.one_value(&query).await? {
+        Some(json) => Filters::from_json(&json).map_err(Error::Setup),
+        None => Ok(Filters::default()),
+    }
+}
+
+/// Records where a config version was committed, on a short session of its
+/// own (the streaming one cannot run SQL). Called before any LSN past that
+/// commit is confirmed, so a restart knows which filters were in force.
+pub async fn record_config_commit(cfg: &SourceConfig, version: i64, commit_lsn: Lsn) -> Result<(), Error> {
+    let mut client = connect_gated(cfg, vec![cfg.publication.clone()]).await?;
+    let mut sql = Sql { client: &mut client };
+    sql.execute(&format!(
+        "UPDATE {CONFIG_TABLE} SET commit_lsn = '{commit_lsn}' WHERE version = {version} AND commit_lsn IS NULL"
+    ))
+    .await
+}
+
 fn connect_error(cfg: &SourceConfig, e: PgWireError) -> Error {
     let socket = format!("{}/.s.PGSQL.{}", cfg.socket_dir, cfg.port);
     let hint = match &e {
@@ -123,9 +159,7 @@ fn connect_error(cfg: &SourceConfig, e: PgWireError) -> Error {
              \"local {} {} peer\" (or trust), or set wal_listener.role",
             cfg.database, cfg.user
         ),
-        PgWireError::Server(msg)
-            if msg.contains("pg_hba.conf") || msg.contains("authentication") =>
-        {
+        PgWireError::Server(msg) if msg.contains("pg_hba.conf") || msg.contains("authentication") => {
             format!(
                 "; add a pg_hba.conf line such as \"local {} {} peer\" (or trust) and reload",
                 cfg.database, cfg.user
@@ -139,30 +173,26 @@ fn connect_error(cfg: &SourceConfig, e: PgWireError) -> Error {
     ))
 }
 
-async fn ensure_publication(sql: &mut Sql<'_>, publication: &str) -> Result<(), Error> {
-    let query = format!(
-        "SELECT pubname FROM pg_publication WHERE pubname = {}",
-        quote_literal(publication)
-    );
+/// Creates the publication with `what` (e.g. `FOR ALL TABLES`) when missing;
+/// an existing one is left as its owner made it.
+async fn ensure_publication(sql: &mut Sql<'_>, publication: &str, what: &str) -> Result<(), Error> {
+    let query = format!("SELECT pubname FROM pg_publication WHERE pubname = {}", quote_literal(publication));
     if sql.one_value(&query).await?.is_none() {
-        sql.execute(&format!(
-            "CREATE PUBLICATION {} FOR ALL TABLES",
-            quote_ident(publication)
-        ))
-        .await?;
+        sql.execute(&format!("CREATE PUBLICATION {} {what}", quote_ident(publication))).await?;
     }
     Ok(())
 }
 
-/// Returns the slot's `confirmed_flush_lsn`, creating the slot first when missing.
-async fn ensure_slot(sql: &mut Sql<'_>, cfg: &SourceConfig) -> Result<Lsn, Error> {
+/// Returns the slot's `confirmed_flush_lsn` and whether the slot was created now.
+async fn ensure_slot(sql: &mut Sql<'_>, cfg: &SourceConfig) -> Result<(Lsn, bool), Error> {
     let query = format!(
         "SELECT plugin, database, confirmed_flush_lsn::text, wal_status \
          FROM pg_replication_slots WHERE slot_name = {}",
         quote_literal(&cfg.slot)
     );
     let mut rows = sql.rows(&query).await?;
-    if rows.is_empty() {
+    let created = rows.is_empty();
+    if created {
         sql.execute(&format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')",
             quote_ident(&cfg.slot)
@@ -170,10 +200,8 @@ async fn ensure_slot(sql: &mut Sql<'_>, cfg: &SourceConfig) -> Result<Lsn, Error
         .await?;
         rows = sql.rows(&query).await?;
     }
-    let row = rows
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::Setup(format!("slot \"{}\" vanished", cfg.slot)))?;
+    let row =
+        rows.into_iter().next().ok_or_else(|| Error::Setup(format!("slot \"{}\" vanished", cfg.slot)))?;
     let [plugin, database, confirmed, wal_status] = <[Option<String>; 4]>::try_from(row)
         .map_err(|_| Error::Replication("unexpected pg_replication_slots row shape".into()))?;
     if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(cfg.database.as_str()) {
@@ -190,15 +218,11 @@ async fn ensure_slot(sql: &mut Sql<'_>, cfg: &SourceConfig) -> Result<Lsn, Error
             cfg.slot
         )));
     }
-    confirmed
-        .ok_or_else(|| {
-            Error::Setup(format!(
-                "replication slot \"{}\" has no confirmed_flush_lsn",
-                cfg.slot
-            ))
-        })?
+    let confirmed = confirmed
+        .ok_or_else(|| Error::Setup(format!("replication slot \"{}\" has no confirmed_flush_lsn", cfg.slot)))?
         .parse::<Lsn>()
-        .map_err(Error::Replication)
+        .map_err(Error::Replication)?;
+    Ok((confirmed, created))
 }
 
 /// SQL on the gated replication session (simple query protocol, text results).
@@ -215,22 +239,13 @@ impl Sql<'_> {
             .map_err(|e| Error::Replication(format!("query {query:?} failed: {e}")))?;
         Ok(rows
             .into_iter()
-            .map(|row| {
-                row.into_iter()
-                    .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
-                    .collect()
-            })
+            .map(|row| row.into_iter().map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned())).collect())
             .collect())
     }
 
     /// First column of the first row; `None` when there is no row or it is NULL.
     async fn one_value(&mut self, query: &str) -> Result<Option<String>, Error> {
-        Ok(self
-            .rows(query)
-            .await?
-            .into_iter()
-            .next()
-            .and_then(|row| row.into_iter().next().flatten()))
+        Ok(self.rows(query).await?.into_iter().next().and_then(|row| row.into_iter().next().flatten()))
     }
 
     async fn execute(&mut self, statement: &str) -> Result<(), Error> {

@@ -1,9 +1,11 @@
 //! The `wal_listener.*` settings of DESIGN.md section 4.
 
-use std::ffi::CString;
+use std::ffi::{c_char, CString};
+
+use pgrx::pg_guard;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
-use wal_listener_core::config::PublishConfig;
+use wal_listener_core::config::{NatsAuth, PublishConfig};
 
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
@@ -15,6 +17,9 @@ static TOPIC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(S
 static TOPIC_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static CREATE_STREAM: GucSetting<bool> = GucSetting::<bool>::new(true);
 static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(4096);
+static NATS_USER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NATS_PASSWORD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NATS_TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn register() {
     let string = |name, short, setting, context| {
@@ -75,8 +80,51 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    string(
+        c"wal_listener.nats_user",
+        c"NATS user name (with nats_password).",
+        &NATS_USER,
+        GucContext::Sighup,
+    );
+    // Secrets: SHOW and pg_settings reveal them to superusers only (and to
+    // pg_read_all_settings members, as for every such GUC).
+    // A show hook masks the value even for superusers and pg_read_all_settings.
+    let secret = |name, short, setting, show: unsafe extern "C-unwind" fn() -> *const c_char| unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            name,
+            short,
+            c"",
+            setting,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY,
+            None,
+            None,
+            Some(show),
+        )
+    };
+    secret(c"wal_listener.nats_password", c"NATS password (secret).", &NATS_PASSWORD, show_password);
+    secret(c"wal_listener.nats_token", c"NATS authentication token (secret).", &NATS_TOKEN, show_token);
     // After the definitions: reserving drops placeholders of names not defined yet.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"wal_listener".as_ptr()) };
+}
+
+/// What SHOW and pg_settings print for a secret: whether it is set, never its value.
+fn masked(setting: &GucSetting<Option<CString>>) -> *const c_char {
+    if setting.get().is_some_and(|v| !v.is_empty()) {
+        c"********".as_ptr()
+    } else {
+        c"".as_ptr()
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn show_password() -> *const c_char {
+    masked(&NATS_PASSWORD)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn show_token() -> *const c_char {
+    masked(&NATS_TOKEN)
 }
 
 fn text(setting: &GucSetting<Option<CString>>) -> String {
@@ -108,5 +156,6 @@ pub fn publish_config() -> PublishConfig {
         topic_prefix: text(&TOPIC_PREFIX),
         create_stream: CREATE_STREAM.get(),
         max_in_flight: usize::try_from(MAX_IN_FLIGHT.get()).unwrap_or(1),
+        auth: NatsAuth { user: text(&NATS_USER), password: text(&NATS_PASSWORD), token: text(&NATS_TOKEN) },
     }
 }

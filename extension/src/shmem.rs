@@ -23,6 +23,8 @@ pub struct WorkerStatus {
     last_event_at: i64,
     last_error_at: i64,
     started_at: i64,
+    /// Bumped by `restart()`; the worker restarts when it sees a new value.
+    restart_requests: u64,
     last_error_len: usize,
     last_error: [u8; ERROR_CAPACITY],
 }
@@ -41,6 +43,7 @@ impl Default for WorkerStatus {
             last_event_at: 0,
             last_error_at: 0,
             started_at: 0,
+            restart_requests: 0,
             last_error_len: 0,
             last_error: [0; ERROR_CAPACITY],
         }
@@ -59,10 +62,37 @@ pub fn init() {
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
-/// A new worker process starts: counters restart from zero.
-pub fn worker_started(pid: i32, started_at: i64) {
+/// A new worker process starts: counters restart from zero. Returns the
+/// restart-request count to compare later ones against.
+pub fn worker_started(pid: i32, started_at: i64) -> u64 {
     let mut status = STATUS.exclusive();
-    *status = WorkerStatus { pid, started_at, state: State::Connecting as u8, ..WorkerStatus::default() };
+    let restart_requests = status.restart_requests;
+    *status = WorkerStatus {
+        pid,
+        started_at,
+        state: State::Connecting as u8,
+        restart_requests,
+        ..WorkerStatus::default()
+    };
+    restart_requests
+}
+
+pub fn restart_requests() -> u64 {
+    STATUS.share().restart_requests
+}
+
+/// Counts a restart request and wakes the worker (SIGUSR1 sets its latch).
+/// Returns false when no worker runs.
+pub fn request_restart() -> bool {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let pid = {
+        let mut status = STATUS.exclusive();
+        status.restart_requests += 1;
+        status.pid
+    };
+    pid != 0 && unsafe { libc::kill(pid, libc::SIGUSR1) } == 0
 }
 
 /// Copies the pipeline's status in.

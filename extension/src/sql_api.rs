@@ -1,9 +1,41 @@
-//! SQL functions. `status()` itself is SQL over `_worker_status()`, so the
-//! catalog reads (slot position, WAL lag) stay in SQL.
+//! The SQL API of DESIGN.md section 6. Validation rules come from the core
+//! (`wal_listener_core::filters`); storage, locking, `status()` and grants
+//! are SQL, in `api.sql`.
 
 use pgrx::prelude::*;
+use wal_listener_core::filters;
 
 use crate::shmem;
+
+/// Checks a filter's action list; returns it in canonical form.
+#[pg_extern(immutable, parallel_safe)]
+fn _normalize_actions(actions: Option<Vec<Option<String>>>) -> Vec<String> {
+    let allowed = filters::ACTION_NAMES.join(", ");
+    let Some(actions) = actions else {
+        error!("actions must not be NULL; allowed: {allowed}");
+    };
+    let Some(names) = actions.iter().map(Option::as_deref).collect::<Option<Vec<&str>>>() else {
+        error!("actions must not contain NULL; allowed: {allowed}");
+    };
+    match filters::parse_actions(&names) {
+        Ok(bits) => filters::action_names(bits).into_iter().map(String::from).collect(),
+        Err(problem) => error!("{problem}"),
+    }
+}
+
+/// Checks a per-table subject; NULL (the default subject) is fine.
+#[pg_extern(immutable, parallel_safe)]
+fn _check_subject(subject: Option<&str>) {
+    if let Err(problem) = subject.map(filters::validate_subject).unwrap_or(Ok(())) {
+        error!("{problem}");
+    }
+}
+
+/// Asks the worker to reconnect and resume from the slot; returns at once.
+#[pg_extern(volatile)]
+fn _request_restart() -> bool {
+    shmem::request_restart()
+}
 
 /// The worker's shared-memory status; wrapped by `wal_listener.status()`.
 #[pg_extern(volatile, parallel_safe)]
@@ -54,47 +86,4 @@ fn _worker_status() -> TableIterator<
     TableIterator::once(row)
 }
 
-extension_sql!(
-    r#"
-CREATE FUNCTION status(
-    OUT state text,
-    OUT pid integer,
-    OUT slot text,
-    OUT publication text,
-    OUT confirmed_flush_lsn pg_lsn,
-    OUT lag_bytes bigint,
-    OUT events_published bigint,
-    OUT events_filtered bigint,
-    OUT nats_connected boolean,
-    OUT last_error text,
-    OUT last_error_time timestamptz,
-    OUT last_event_time timestamptz,
-    OUT started_at timestamptz)
-LANGUAGE sql STABLE
-AS $$
-    SELECT w.state,
-           w.pid,
-           current_setting('wal_listener.slot_name'),
-           current_setting('wal_listener.publication'),
-           coalesce(s.confirmed_flush_lsn, nullif(w.worker_confirmed_lsn, '0/0')::pg_lsn),
-           pg_wal_lsn_diff(
-               CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END,
-               coalesce(s.confirmed_flush_lsn, nullif(w.worker_confirmed_lsn, '0/0')::pg_lsn))::bigint,
-           w.events_published,
-           w.events_filtered,
-           w.nats_connected,
-           CASE WHEN w.pid IS NULL AND pg_is_in_recovery()
-                THEN 'server is a standby: the worker starts streaming after promotion'
-                ELSE w.last_error END,
-           to_timestamp(w.last_error_at_us / 1e6),
-           to_timestamp(w.last_event_at_us / 1e6),
-           to_timestamp(w.started_at_us / 1e6)
-      FROM @extschema@._worker_status() w
-      LEFT JOIN pg_catalog.pg_replication_slots s
-        ON s.slot_name = current_setting('wal_listener.slot_name')
-$$;
-COMMENT ON FUNCTION status() IS 'State of the wal_listener worker: one row.';
-"#,
-    name = "status",
-    requires = [_worker_status],
-);
+extension_sql_file!("api.sql", finalize);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use wal_listener_core::config::{PipelineConfig, SourceConfig};
 use wal_listener_core::pipeline;
 use wal_listener_core::status::{unix_micros_now, LogLevel, StatusBoard};
@@ -43,7 +43,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
     // and the loopback connection does the rest.
     BackgroundWorker::connect_worker_to_spi(None, None);
     let pid = unsafe { pg_sys::MyProcPid };
-    shmem::worker_started(pid, unix_micros_now());
+    let mut restarts_seen = shmem::worker_started(pid, unix_micros_now());
 
     let role = gucs::role().unwrap_or_else(bootstrap_superuser);
     let source = SourceConfig {
@@ -69,7 +69,9 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
     let runtime = build_runtime();
     let (config_tx, config_rx) = watch::channel(PipelineConfig::new(source.clone(), gucs::publish_config()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let supervisor = runtime.spawn(pipeline::run_supervised(config_rx, board.clone(), shutdown_rx));
+    let restart = Arc::new(Notify::new());
+    let supervisor =
+        runtime.spawn(pipeline::run_supervised(config_rx, board.clone(), restart.clone(), shutdown_rx));
 
     loop {
         let events = unsafe {
@@ -104,6 +106,11 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
                 *current = fresh;
                 changed
             });
+        }
+        let restarts_requested = shmem::restart_requests();
+        if restarts_requested != restarts_seen {
+            restarts_seen = restarts_requested;
+            restart.notify_one();
         }
         write_log(&board);
         shmem::publish(&board.snapshot());

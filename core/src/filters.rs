@@ -1,0 +1,225 @@
+//! Filters and per-table subjects (DESIGN.md section 6): which changes are
+//! published, and where. Also the validation rules the SQL functions apply,
+//! so that the worker and `add_filter` agree on them.
+
+use std::collections::HashMap;
+
+use crate::event::Action;
+
+/// Longest subject NATS accepts in practice (and our limit).
+pub const MAX_SUBJECT_BYTES: usize = 255;
+
+/// Actions a filter may list, in their canonical order.
+pub const ACTION_NAMES: [&str; 4] = ["insert", "update", "delete", "truncate"];
+
+/// The rule for one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableFilter {
+    /// Bit `1 << action index` for each published action.
+    actions: u8,
+    /// Replaces the default subject when set.
+    pub subject: Option<String>,
+}
+
+impl TableFilter {
+    pub fn publishes(&self, action: Action) -> bool {
+        self.actions & action_bit(action) != 0
+    }
+}
+
+fn action_bit(action: Action) -> u8 {
+    match action {
+        Action::Insert => 1,
+        Action::Update => 2,
+        Action::Delete => 4,
+        Action::Truncate => 8,
+    }
+}
+
+/// The filter set in force. With no rows every table is published; once any
+/// row exists, only listed tables with their listed actions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filters {
+    by_relation: HashMap<u32, TableFilter>,
+}
+
+/// What to do with one change.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision<'f> {
+    Skip,
+    /// Publish, to this subject instead of the default when `Some`.
+    Publish(Option<&'f str>),
+}
+
+impl Filters {
+    pub fn decide(&self, relation_id: u32, action: Action) -> Decision<'_> {
+        if self.by_relation.is_empty() {
+            return Decision::Publish(None);
+        }
+        match self.by_relation.get(&relation_id) {
+            Some(rule) if rule.publishes(action) => Decision::Publish(rule.subject.as_deref()),
+            _ => Decision::Skip,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_relation.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_relation.is_empty()
+    }
+
+    /// Parses the `filters` column of `wal_listener.config_changes`:
+    /// `[{"relid": 16384, "actions": ["insert"], "subject": null}, ...]`.
+    pub fn from_json(text: &str) -> Result<Filters, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("filters are not valid JSON: {e}"))?;
+        let rows = value.as_array().ok_or("filters must be a JSON array")?;
+        let mut by_relation = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let relid = row
+                .get("relid")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| format!("filter {row} has no valid relid"))?;
+            let names: Vec<&str> = row
+                .get("actions")
+                .and_then(serde_json::Value::as_array)
+                .ok_or_else(|| format!("filter {row} has no actions array"))?
+                .iter()
+                .map(|a| a.as_str().ok_or_else(|| format!("filter {row} has a non-text action")))
+                .collect::<Result<_, _>>()?;
+            let actions = parse_actions(&names)?;
+            let subject = match row.get("subject") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(s)) => {
+                    validate_subject(s)?;
+                    Some(s.clone())
+                }
+                Some(other) => return Err(format!("filter subject {other} is not text")),
+            };
+            by_relation.insert(relid, TableFilter { actions, subject });
+        }
+        Ok(Filters { by_relation })
+    }
+}
+
+/// Checks an action list and returns its bit set; the error says what is allowed.
+pub fn parse_actions(names: &[&str]) -> Result<u8, String> {
+    if names.is_empty() {
+        return Err(format!("actions must not be empty; allowed: {}", ACTION_NAMES.join(", ")));
+    }
+    let mut bits = 0u8;
+    for name in names {
+        let index = ACTION_NAMES
+            .iter()
+            .position(|a| a.eq_ignore_ascii_case(name))
+            .ok_or_else(|| format!("unknown action \"{name}\"; allowed: {}", ACTION_NAMES.join(", ")))?;
+        let bit = 1 << index;
+        if bits & bit != 0 {
+            return Err(format!("action \"{}\" is listed twice", ACTION_NAMES[index]));
+        }
+        bits |= bit;
+    }
+    Ok(bits)
+}
+
+/// Canonical (lower-case, ordered) names of an action bit set.
+pub fn action_names(bits: u8) -> Vec<&'static str> {
+    ACTION_NAMES.iter().enumerate().filter(|(i, _)| bits & (1 << i) != 0).map(|(_, name)| *name).collect()
+}
+
+/// Checks that `subject` is a valid NATS publish subject.
+pub fn validate_subject(subject: &str) -> Result<(), String> {
+    let problem = if subject.is_empty() {
+        Some("is empty".to_string())
+    } else if subject.len() > MAX_SUBJECT_BYTES {
+        Some(format!("is {} bytes long; the limit is {MAX_SUBJECT_BYTES}", subject.len()))
+    } else if let Some(c) = subject.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        Some(format!("contains {c:?}; whitespace and control characters are not allowed"))
+    } else if subject.contains(['*', '>']) {
+        Some("contains a wildcard (* or >); events need a concrete subject".to_string())
+    } else if subject.split('.').any(str::is_empty) {
+        Some("has an empty token (a leading, trailing or doubled '.')".to_string())
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => Err(format!(
+            "subject \"{subject}\" {p}; a subject is dot-separated tokens of printable characters, such as \"orders.created\""
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_filters_publish_everything_to_the_default_subject() {
+        let filters = Filters::default();
+        assert_eq!(filters.decide(1, Action::Delete), Decision::Publish(None));
+    }
+
+    #[test]
+    fn listed_tables_pass_with_their_actions_only() {
+        let filters = Filters::from_json(
+            r#"[{"relid": 10, "actions": ["insert", "update"], "subject": null},
+                {"relid": 11, "actions": ["delete"], "subject": "audit.deletes"}]"#,
+        )
+        .unwrap();
+        assert_eq!(filters.decide(10, Action::Insert), Decision::Publish(None));
+        assert_eq!(filters.decide(10, Action::Delete), Decision::Skip);
+        assert_eq!(filters.decide(11, Action::Delete), Decision::Publish(Some("audit.deletes")));
+        assert_eq!(filters.decide(12, Action::Insert), Decision::Skip);
+        assert_eq!(Filters::from_json("[]").unwrap(), Filters::default());
+    }
+
+    #[test]
+    fn malformed_filter_json_is_an_error() {
+        for bad in [
+            "{",
+            "{}",
+            r#"[{"actions": ["insert"]}]"#,
+            r#"[{"relid": 1}]"#,
+            r#"[{"relid": 1, "actions": []}]"#,
+            r#"[{"relid": 1, "actions": ["insert"], "subject": "a..b"}]"#,
+            r#"[{"relid": 1, "actions": ["insert"], "subject": 5}]"#,
+        ] {
+            assert!(Filters::from_json(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn actions_are_checked() {
+        assert_eq!(parse_actions(&["insert", "TRUNCATE"]), Ok(0b1001));
+        assert_eq!(action_names(0b1001), vec!["insert", "truncate"]);
+        assert!(parse_actions(&[]).unwrap_err().contains("must not be empty"));
+        assert!(parse_actions(&["upsert"])
+            .unwrap_err()
+            .contains("unknown action \"upsert\"; allowed: insert"));
+        assert!(parse_actions(&["insert", "insert"]).unwrap_err().contains("listed twice"));
+    }
+
+    #[test]
+    fn subjects_are_checked() {
+        assert!(validate_subject("orders.created").is_ok());
+        assert!(validate_subject("a").is_ok());
+        for (bad, why) in [
+            ("", "is empty"),
+            ("a b", "whitespace"),
+            ("a..b", "empty token"),
+            (".a", "empty token"),
+            ("a.", "empty token"),
+            ("a.*", "wildcard"),
+            ("a.>", "wildcard"),
+            ("a\tb", "whitespace"),
+        ] {
+            assert!(validate_subject(bad).unwrap_err().contains(why), "{bad:?}");
+        }
+        assert!(validate_subject(&"a".repeat(256)).unwrap_err().contains("256 bytes"));
+        assert!(validate_subject(&"a".repeat(255)).is_ok());
+    }
+}
