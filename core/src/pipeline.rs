@@ -13,9 +13,11 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{PipelineConfig, SourceConfig};
-use crate::event::{default_subject, encode_event, Action, EventIds, RowChange};
+use crate::event::{default_subject, encode_event, Action, EventIds, Position, RowChange};
 use crate::filters::{Decision, Filters};
-use crate::pgoutput::{self, Message, OldTuple, PgTimestamp, Relation, RelationCache, TupleData, Value};
+use crate::pgoutput::{
+    self, Begin, Message, OldTuple, PgTimestamp, Relation, RelationCache, TupleData, Value,
+};
 use crate::publish::{AckFuture, Publisher};
 use crate::replication::{self, OpenError, Session};
 use crate::status::{LogLevel, State, StatusBoard};
@@ -139,6 +141,7 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
 struct Transaction {
     commit_lsn: Lsn,
     commit_time: PgTimestamp,
+    xid: u32,
     /// Index of the next change, counted before any filtering.
     next_ordinal: u32,
 }
@@ -246,8 +249,8 @@ impl Streamer {
 
     async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
         match event {
-            ReplicationEvent::Begin { final_lsn, xid: _, commit_time_micros } => {
-                self.begin(final_lsn.into(), commit_time_micros);
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                self.begin(Begin { final_lsn: final_lsn.into(), commit_time: commit_time_micros, xid });
                 Ok(())
             }
             ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn.into()).await,
@@ -267,8 +270,13 @@ impl Streamer {
         }
     }
 
-    fn begin(&mut self, commit_lsn: Lsn, commit_time: PgTimestamp) {
-        self.transaction = Some(Transaction { commit_lsn, commit_time, next_ordinal: 0 });
+    fn begin(&mut self, begin: Begin) {
+        self.transaction = Some(Transaction {
+            commit_lsn: begin.final_lsn,
+            commit_time: begin.commit_time,
+            xid: begin.xid,
+            next_ordinal: 0,
+        });
     }
 
     async fn commit(&mut self, end_lsn: Lsn) -> Result<(), Error> {
@@ -298,7 +306,7 @@ impl Streamer {
 
     async fn on_pgoutput(&mut self, data: &[u8]) -> Result<(), Error> {
         match pgoutput::decode(data)? {
-            Message::Begin(begin) => self.begin(begin.final_lsn, begin.commit_time),
+            Message::Begin(begin) => self.begin(begin),
             Message::Commit(commit) => self.commit(commit.end_lsn).await?,
             Message::Relation(relation) => {
                 self.subjects.remove(&relation.id);
@@ -336,7 +344,12 @@ impl Streamer {
         })?;
         let ordinal = transaction.next_ordinal;
         transaction.next_ordinal += 1;
-        let (commit_lsn, commit_time) = (transaction.commit_lsn, transaction.commit_time);
+        let position = Position {
+            commit_lsn: transaction.commit_lsn,
+            commit_time: transaction.commit_time,
+            xid: transaction.xid,
+            ordinal,
+        };
 
         let relation = self.relations.get(relation_id).ok_or_else(|| {
             Error::Replication(format!(
@@ -359,9 +372,9 @@ impl Streamer {
         };
 
         let mut id_buf = [0u8; 36];
-        let id = self.ids.id_text(commit_lsn, ordinal, &mut id_buf);
+        let id = self.ids.id_text(position.commit_lsn, ordinal, &mut id_buf);
         let mut body = Vec::with_capacity(self.last_event_len + 64);
-        encode_event(&mut body, id, &RowChange { relation, action, new, old }, commit_time)?;
+        encode_event(&mut body, id, &RowChange { relation, action, new, old }, &position)?;
         self.last_event_len = body.len();
         let subject = self
             .subjects

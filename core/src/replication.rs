@@ -12,7 +12,7 @@ use crate::{Error, Lsn};
 
 /// Pins every setting that shapes pgoutput's text values (DESIGN.md section 3).
 const SESSION_OPTIONS: &str =
-    "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC -c client_encoding=UTF8";
+    "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC -c client_encoding=UTF8 -c bytea_output=hex";
 
 /// How often the flush LSN is sent while it changes, and the longest silence
 /// between two status updates: both far inside the default 60 s `wal_sender_timeout`.

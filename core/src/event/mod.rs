@@ -1,6 +1,7 @@
 //! Row changes as wal-listener JSON events (DESIGN.md section 5): the body,
 //! the deterministic id and the subject.
 
+pub mod arrays;
 pub mod json;
 pub mod time;
 pub mod values;
@@ -110,76 +111,121 @@ pub struct RowChange<'r, 'a> {
     pub old: Option<&'r OldTuple<'a>>,
 }
 
-/// Appends the JSON body of `change` to `out`.
-/// `id` is the event id as text (see [`EventIds::id_text`]).
+/// Where a change sits in the WAL: the event's position keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// LSN of the transaction's commit record.
+    pub commit_lsn: Lsn,
+    pub commit_time: PgTimestamp,
+    pub xid: u32,
+    /// Index of the change in its transaction, counted before filtering.
+    pub ordinal: u32,
+}
+
+/// Appends the JSON body of `change` to `out`: the seven wal-listener keys,
+/// then `primaryKey`, `lsn`, `xid`, `ordinal` and, when not empty,
+/// `unchangedToast`. `id` is the event id as text (see [`EventIds::id_text`]).
 pub fn encode_event(
     out: &mut Vec<u8>,
     id: &str,
     change: &RowChange<'_, '_>,
-    commit_time: PgTimestamp,
+    position: &Position,
 ) -> Result<(), EventError> {
+    let relation = change.relation;
     out.extend_from_slice(b"{\"id\":\"");
     out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(b"\",\"schema\":");
-    json::write_str(out, &change.relation.namespace);
+    json::write_str(out, &relation.namespace);
     out.extend_from_slice(b",\"table\":");
-    json::write_str(out, &change.relation.name);
+    json::write_str(out, &relation.name);
     out.extend_from_slice(b",\"action\":\"");
     out.extend_from_slice(change.action.as_str().as_bytes());
     out.extend_from_slice(b"\",\"data\":");
-    let mut unchanged_toast = Vec::new();
-    write_row(out, change.relation, change.new, false, &mut unchanged_toast)?;
-    out.extend_from_slice(b",\"dataOld\":");
     let (old, key_only) = match change.old {
         Some(OldTuple::Key(key)) => (Some(key), true),
         Some(OldTuple::Full(row)) => (Some(row), false),
         None => (None, false),
     };
-    write_row(out, change.relation, old, key_only, &mut Vec::new())?;
+    // A full old row (REPLICA IDENTITY FULL) carries the values an UPDATE
+    // reports as unchanged TOAST.
+    let toast_source = if key_only { None } else { old };
+    let mut unchanged_toast = Vec::new();
+    write_row(out, relation, change.new, RowKind::New { toast_source }, &mut unchanged_toast)?;
+    out.extend_from_slice(b",\"dataOld\":");
+    write_row(out, relation, old, RowKind::Old { key_only }, &mut unchanged_toast)?;
     out.extend_from_slice(b",\"commitTime\":\"");
-    time::write_rfc3339_utc(out, commit_time);
-    out.push(b'"');
+    time::write_rfc3339_utc(out, position.commit_time);
+    out.extend_from_slice(b"\",\"primaryKey\":");
+    write_names(out, relation.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()));
+    out.extend_from_slice(b",\"lsn\":\"");
+    out.extend_from_slice(position.commit_lsn.to_string().as_bytes());
+    out.extend_from_slice(b"\",\"xid\":");
+    out.extend_from_slice(position.xid.to_string().as_bytes());
+    out.extend_from_slice(b",\"ordinal\":");
+    out.extend_from_slice(position.ordinal.to_string().as_bytes());
     if !unchanged_toast.is_empty() {
-        out.extend_from_slice(b",\"unchangedToast\":[");
-        for (i, name) in unchanged_toast.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json::write_str(out, name);
-        }
-        out.push(b']');
+        out.extend_from_slice(b",\"unchangedToast\":");
+        write_names(out, unchanged_toast.into_iter());
     }
     out.push(b'}');
     Ok(())
 }
 
-/// Writes a row as a JSON object; `None` is `{}`. With `key_only`, only the
-/// replica identity columns (pgoutput sends the others as null). Unchanged
-/// TOAST columns are left out (never faked as null) and their names collected.
+fn write_names<'n>(out: &mut Vec<u8>, names: impl Iterator<Item = &'n str>) {
+    out.push(b'[');
+    for (i, name) in names.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json::write_str(out, name);
+    }
+    out.push(b']');
+}
+
+/// Which row `write_row` writes, and what that changes.
+#[derive(Clone, Copy)]
+enum RowKind<'t, 'a> {
+    /// `data`; unchanged TOAST values are taken from `toast_source` when it has them.
+    New { toast_source: Option<&'t TupleData<'a>> },
+    /// `dataOld`; with `key_only`, only the replica identity columns
+    /// (pgoutput sends the others as null).
+    Old { key_only: bool },
+}
+
+/// Writes a row as a JSON object; `None` is `{}`. Unchanged TOAST columns
+/// without a value are left out (never faked as null); the names of those
+/// left out of `data` are collected.
 fn write_row<'r>(
     out: &mut Vec<u8>,
     relation: &'r Relation,
     row: Option<&TupleData<'_>>,
-    key_only: bool,
+    kind: RowKind<'_, '_>,
     unchanged_toast: &mut Vec<&'r str>,
 ) -> Result<(), EventError> {
     out.push(b'{');
     if let Some(row) = row {
-        if row.values.len() != relation.columns.len() {
-            return Err(EventError::ColumnCountMismatch {
-                table: qualified_name(relation),
-                columns: relation.columns.len(),
-                values: row.values.len(),
-            });
+        check_width(relation, row)?;
+        let (toast_source, key_only) = match kind {
+            RowKind::New { toast_source } => (toast_source, false),
+            RowKind::Old { key_only } => (None, key_only),
+        };
+        if let Some(source) = toast_source {
+            check_width(relation, source)?;
         }
         let mut first = true;
-        for (column, value) in relation.columns.iter().zip(&row.values) {
+        for (index, (column, value)) in relation.columns.iter().zip(&row.values).enumerate() {
             if key_only && !column.is_key {
                 continue;
             }
+            let value = match (value, toast_source) {
+                (Value::UnchangedToast, Some(source)) => &source.values[index],
+                _ => value,
+            };
             let text = match value {
                 Value::UnchangedToast => {
-                    unchanged_toast.push(&column.name);
+                    if matches!(kind, RowKind::New { .. }) {
+                        unchanged_toast.push(&column.name);
+                    }
                     continue;
                 }
                 Value::Null => None,
@@ -203,6 +249,17 @@ fn write_row<'r>(
     }
     out.push(b'}');
     Ok(())
+}
+
+fn check_width(relation: &Relation, row: &TupleData<'_>) -> Result<(), EventError> {
+    if row.values.len() == relation.columns.len() {
+        return Ok(());
+    }
+    Err(EventError::ColumnCountMismatch {
+        table: qualified_name(relation),
+        columns: relation.columns.len(),
+        values: row.values.len(),
+    })
 }
 
 fn qualified_name(relation: &Relation) -> String {

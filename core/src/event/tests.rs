@@ -13,20 +13,27 @@ fn users() -> Relation {
     }
 }
 
+const POSITION: Position =
+    Position { commit_lsn: Lsn(0x1_0000_00A8), commit_time: 848_871_822_123_456, xid: 731, ordinal: 2 };
+
 fn encode(change: &RowChange<'_, '_>) -> String {
     let mut out = Vec::new();
-    encode_event(&mut out, "00000000-0000-0000-0000-000000000001", change, 848_871_822_123_456).unwrap();
+    encode_event(&mut out, "00000000-0000-0000-0000-000000000001", change, &POSITION).unwrap();
     String::from_utf8(out).unwrap()
 }
 
 #[test]
-fn insert_has_the_seven_wal_listener_keys_in_order() {
+fn insert_has_the_wal_listener_keys_then_position_keys() {
     let relation = users();
     let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"a@b.c"), Value::Null] };
     let json = encode(&RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None });
     assert_eq!(
         json,
-        r#"{"id":"00000000-0000-0000-0000-000000000001","schema":"public","table":"users","action":"INSERT","data":{"id":1,"email":"a@b.c","bio":null},"dataOld":{},"commitTime":"2026-11-24T21:43:42.123456Z"}"#
+        concat!(
+            r#"{"id":"00000000-0000-0000-0000-000000000001","schema":"public","table":"users","action":"INSERT","#,
+            r#""data":{"id":1,"email":"a@b.c","bio":null},"dataOld":{},"commitTime":"2026-11-24T21:43:42.123456Z","#,
+            r#""primaryKey":["id"],"lsn":"1/A8","xid":731,"ordinal":2}"#
+        )
     );
 }
 
@@ -54,7 +61,20 @@ fn unchanged_toast_is_left_out_and_named() {
     let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"x"), Value::UnchangedToast] };
     let json = encode(&RowChange { relation: &relation, action: Action::Update, new: Some(&new), old: None });
     assert!(json.contains(r#""data":{"id":1,"email":"x"}"#), "{json}");
-    assert!(json.ends_with(r#","unchangedToast":["bio"]}"#), "{json}");
+    assert!(json.ends_with(r#","ordinal":2,"unchangedToast":["bio"]}"#), "{json}");
+}
+
+#[test]
+fn unchanged_toast_takes_the_value_of_a_full_old_row() {
+    let relation = users();
+    let old = OldTuple::Full(TupleData {
+        values: vec![Value::Text(b"1"), Value::Text(b"x"), Value::Text(b"long")],
+    });
+    let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"y"), Value::UnchangedToast] };
+    let json =
+        encode(&RowChange { relation: &relation, action: Action::Update, new: Some(&new), old: Some(&old) });
+    assert!(json.contains(r#""data":{"id":1,"email":"y","bio":"long"}"#), "{json}");
+    assert!(!json.contains("unchangedToast"), "{json}");
 }
 
 #[test]
@@ -66,7 +86,7 @@ fn mismatched_tuple_is_an_error() {
         &mut out,
         "nil",
         &RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None },
-        0,
+        &POSITION,
     )
     .unwrap_err();
     assert_eq!(err, EventError::ColumnCountMismatch { table: "public.users".into(), columns: 3, values: 1 });
@@ -78,7 +98,7 @@ fn invalid_utf8_is_an_error() {
     let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"\xff"), Value::Null] };
     let mut out = Vec::new();
     let change = RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None };
-    assert!(matches!(encode_event(&mut out, "nil", &change, 0), Err(EventError::InvalidUtf8 { .. })));
+    assert!(matches!(encode_event(&mut out, "nil", &change, &POSITION), Err(EventError::InvalidUtf8 { .. })));
 }
 
 #[test]
