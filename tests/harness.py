@@ -78,7 +78,7 @@ class Postgres:
         self.data = self.dir / "data"
         self.logfile = self.dir / "server.log"
         self.port = free_port()
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C")
         conf = {
             "port": self.port,
             "listen_addresses": "''",

@@ -18,7 +18,11 @@ GOLDEN = [
     ("float8", "'-Infinity'", "-Infinity"),
     ("float8", "1e308", 1e308),
     ("float8", "0.1", 0.1),
+    ("float8", "5e-324", 5e-324),
+    ("float4", "3.4028235e+38", 3.4028235e38),
+    ("float8", "'Infinity'", "Infinity"),
     ("numeric", "'NaN'", "NaN"),
+    ("numeric", "'-Infinity'", "-Infinity"),
     ("numeric", "123456789012345678901234567890.1234567890", "123456789012345678901234567890.1234567890"),
     ("numeric(5,2)", "1.5", "1.50"),
     ("text", "E'ünï \"q\" \\\\ \\n\\t'", 'ünï "q" \\ \n\t'),
@@ -38,6 +42,11 @@ GOLDEN = [
     ("timestamp", "'2026-11-24 21:43:42.123456'", "2026-11-24 21:43:42.123456"),
     ("timestamptz", "'2026-11-24 23:43:42.5+02'", "2026-11-24T21:43:42.5Z"),
     ("timestamptz", "'infinity'", "infinity"),
+    ("timestamptz", "'-infinity'", "-infinity"),
+    ("money", "12.34", "$12.34"),
+    ("xml", "'<a x=\"1\">é</a>'", '<a x="1">é</a>'),
+    ("tsvector", "'a fat cat'", "'a' 'cat' 'fat'"),
+    ("int4range", "'[1,5)'", "[1,5)"),
     ("interval", "'1 day 02:03:04'", "1 day 02:03:04"),
     ("inet", "'192.168.0.1/24'", "192.168.0.1/24"),
     ("cidr", "'10.0.0.0/8'", "10.0.0.0/8"),
@@ -73,19 +82,34 @@ def test_golden_values_of_built_in_types(streaming, nats_server):
     assert nulls == {"id": 2, **{f"c{i}": None for i in range(len(GOLDEN))}}
 
 
-def test_user_defined_types_are_sent_as_their_text_output(streaming, nats_server):
+def test_user_defined_types_map_through_the_catalog(streaming, nats_server):
     streaming.execute(
         """
-        CREATE TYPE mood AS ENUM ('happy', 'sad');
+        CREATE TYPE mood AS ENUM ('happy', 'so sad');
         CREATE DOMAIN short_text AS text CHECK (length(VALUE) < 10);
+        CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+        CREATE DOMAIN scores AS positive[];
         CREATE TYPE pair AS (a int, b text);
-        CREATE TABLE custom (id int PRIMARY KEY, m mood, d short_text, p pair, ms mood[]);
-        INSERT INTO custom VALUES (1, 'happy', 'dom', ROW(1, 'x y'), '{happy,sad}');
+        CREATE TABLE custom (id int PRIMARY KEY, m mood, d short_text, n positive, s scores, p pair,
+                             ms mood[], ps pair[], r int4range, mr int4multirange);
+        INSERT INTO custom VALUES (1, 'happy', 'dom', 5, '{1,2}', ROW(1, 'x y'), '{happy,"so sad"}',
+                                   ARRAY[ROW(1, 'a')::pair, NULL], '[1,5)', '{[1,2),[5,6)}');
         """
     )
     assert wait_for_count(nats_server.url, 1) == 1
     data = read_stream(nats_server.url)[0].body["data"]
-    assert data == {"id": 1, "m": "happy", "d": "dom", "p": '(1,"x y")', "ms": "{happy,sad}"}
+    assert data == {
+        "id": 1,
+        "m": "happy",  # enums: text
+        "d": "dom",  # domains: like their base type
+        "n": 5,
+        "s": [1, 2],
+        "p": '(1,"x y")',  # composites: text output
+        "ms": ["happy", "so sad"],
+        "ps": ["(1,a)", None],
+        "r": "[1,5)",  # ranges and multiranges: text output
+        "mr": "{[1,2),[5,6)}",
+    }
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,9 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{watch, Notify};
 
 use crate::config::{PipelineConfig, SourceConfig};
-use crate::event::{default_subject, encode_event, Action, EventIds, Position, RowChange};
+use crate::event::{
+    default_subject, encode_event, Action, EventIds, Position, RowChange, TypeCatalog, ValueKind,
+};
 use crate::filters::{Decision, Filters};
 use crate::pgoutput::{
     self, Begin, Message, OldTuple, PgTimestamp, Relation, RelationCache, TupleData, Value,
@@ -156,6 +158,9 @@ struct Streamer {
     topic_prefix: String,
     max_in_flight: usize,
     relations: RelationCache,
+    /// How each relation's columns map to JSON, by relation id.
+    kinds: HashMap<u32, Vec<ValueKind>>,
+    catalog: TypeCatalog,
     /// Subject per relation id, after filters; cleared when either changes.
     subjects: HashMap<u32, Subject>,
     filters: Filters,
@@ -185,6 +190,8 @@ impl Streamer {
             topic_prefix: cfg.publish.topic_prefix.clone(),
             max_in_flight: cfg.publish.max_in_flight.max(1),
             relations: RelationCache::default(),
+            kinds: HashMap::new(),
+            catalog: TypeCatalog::default(),
             subjects: HashMap::new(),
             filters: session.filters,
             pending_filters: None,
@@ -309,6 +316,13 @@ impl Streamer {
             Message::Begin(begin) => self.begin(begin),
             Message::Commit(commit) => self.commit(commit.end_lsn).await?,
             Message::Relation(relation) => {
+                let unknown = self.catalog.unknown(relation.columns.iter().map(|c| c.type_oid));
+                if !unknown.is_empty() {
+                    let rows = replication::lookup_types(&self.source, &unknown).await?;
+                    self.catalog.learn(&rows);
+                }
+                let kinds = relation.columns.iter().map(|c| self.catalog.kind(c.type_oid)).collect();
+                self.kinds.insert(relation.id, kinds);
                 self.subjects.remove(&relation.id);
                 self.relations.insert(relation);
             }
@@ -374,7 +388,8 @@ impl Streamer {
         let mut id_buf = [0u8; 36];
         let id = self.ids.id_text(position.commit_lsn, ordinal, &mut id_buf);
         let mut body = Vec::with_capacity(self.last_event_len + 64);
-        encode_event(&mut body, id, &RowChange { relation, action, new, old }, &position)?;
+        let kinds = self.kinds.get(&relation_id).map(Vec::as_slice).unwrap_or_default();
+        encode_event(&mut body, id, &RowChange { relation, kinds, action, new, old }, &position)?;
         self.last_event_len = body.len();
         let subject = self
             .subjects

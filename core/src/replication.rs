@@ -7,6 +7,7 @@ use std::time::Duration;
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig};
 
 use crate::config::SourceConfig;
+use crate::event::TypeRow;
 use crate::filters::Filters;
 use crate::{Error, Lsn};
 
@@ -149,6 +150,39 @@ pub async fn record_config_commit(cfg: &SourceConfig, version: i64, commit_lsn: 
         "UPDATE {CONFIG_TABLE} SET commit_lsn = '{commit_lsn}' WHERE version = {version} AND commit_lsn IS NULL"
     ))
     .await
+}
+
+/// Reads what decides the JSON form of user-defined types: `oids` and every
+/// type they refer to (domain bases, array elements).
+pub async fn lookup_types(cfg: &SourceConfig, oids: &[u32]) -> Result<Vec<TypeRow>, Error> {
+    let list = oids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let query = format!(
+        "WITH RECURSIVE wanted(oid) AS ( \
+             SELECT unnest('{{{list}}}'::oid[]) \
+             UNION \
+             SELECT r.ref FROM pg_type p JOIN wanted w ON p.oid = w.oid, \
+                    LATERAL (VALUES (p.typelem), (p.typbasetype)) r(ref) WHERE r.ref <> 0) \
+         SELECT p.oid, p.typtype, CASE WHEN p.typcategory = 'A' THEN p.typelem ELSE 0 END, \
+                p.typdelim, p.typbasetype \
+           FROM pg_type p JOIN wanted w ON p.oid = w.oid"
+    );
+    let mut client = connect_gated(cfg, vec![cfg.publication.clone()]).await?;
+    let rows = Sql { client: &mut client }.rows(&query).await?;
+    rows.into_iter()
+        .map(|row| {
+            let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+            let number = |i: usize| text(i).parse::<u32>().ok();
+            let byte = |i: usize| text(i).bytes().next();
+            Some(TypeRow {
+                oid: number(0)?,
+                typtype: byte(1)?,
+                array_element: number(2)?,
+                typdelim: byte(3)?,
+                domain_base: number(4)?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| Error::Replication("unexpected pg_type row shape".into()))
 }
 
 fn connect_error(cfg: &SourceConfig, e: PgWireError) -> Error {

@@ -6,6 +6,8 @@ pub mod json;
 pub mod time;
 pub mod values;
 
+pub use values::{TypeCatalog, TypeRow, ValueKind};
+
 use std::fmt;
 
 use uuid::Uuid;
@@ -104,6 +106,8 @@ impl EventIds {
 /// One row change, ready to encode.
 pub struct RowChange<'r, 'a> {
     pub relation: &'r Relation,
+    /// How each column's values map to JSON, in column order.
+    pub kinds: &'r [ValueKind],
     pub action: Action,
     /// New row: INSERT and UPDATE.
     pub new: Option<&'r TupleData<'a>>,
@@ -150,9 +154,9 @@ pub fn encode_event(
     // reports as unchanged TOAST.
     let toast_source = if key_only { None } else { old };
     let mut unchanged_toast = Vec::new();
-    write_row(out, relation, change.new, RowKind::New { toast_source }, &mut unchanged_toast)?;
+    write_row(out, relation, change.kinds, change.new, RowKind::New { toast_source }, &mut unchanged_toast)?;
     out.extend_from_slice(b",\"dataOld\":");
-    write_row(out, relation, old, RowKind::Old { key_only }, &mut unchanged_toast)?;
+    write_row(out, relation, change.kinds, old, RowKind::Old { key_only }, &mut unchanged_toast)?;
     out.extend_from_slice(b",\"commitTime\":\"");
     time::write_rfc3339_utc(out, position.commit_time);
     out.extend_from_slice(b"\",\"primaryKey\":");
@@ -198,6 +202,7 @@ enum RowKind<'t, 'a> {
 fn write_row<'r>(
     out: &mut Vec<u8>,
     relation: &'r Relation,
+    kinds: &[ValueKind],
     row: Option<&TupleData<'_>>,
     kind: RowKind<'_, '_>,
     unchanged_toast: &mut Vec<&'r str>,
@@ -243,7 +248,7 @@ fn write_row<'r>(
             json::write_key(out, &column.name);
             match text {
                 None => out.extend_from_slice(b"null"),
-                Some(text) => values::write_text_value(out, column.type_oid, text),
+                Some(text) => values::write_value(out, kinds.get(index).unwrap_or(&ValueKind::Text), text),
             }
         }
     }

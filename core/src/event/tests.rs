@@ -16,6 +16,17 @@ fn users() -> Relation {
 const POSITION: Position =
     Position { commit_lsn: Lsn(0x1_0000_00A8), commit_time: 848_871_822_123_456, xid: 731, ordinal: 2 };
 
+fn kinds(relation: &Relation) -> Vec<ValueKind> {
+    let catalog = TypeCatalog::default();
+    relation.columns.iter().map(|c| catalog.kind(c.type_oid)).collect()
+}
+
+/// Encodes a change of `users()`.
+fn encode_users(action: Action, new: Option<&TupleData<'_>>, old: Option<&OldTuple<'_>>) -> String {
+    let relation = users();
+    encode(&RowChange { relation: &relation, kinds: &kinds(&relation), action, new, old })
+}
+
 fn encode(change: &RowChange<'_, '_>) -> String {
     let mut out = Vec::new();
     encode_event(&mut out, "00000000-0000-0000-0000-000000000001", change, &POSITION).unwrap();
@@ -24,9 +35,8 @@ fn encode(change: &RowChange<'_, '_>) -> String {
 
 #[test]
 fn insert_has_the_wal_listener_keys_then_position_keys() {
-    let relation = users();
     let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"a@b.c"), Value::Null] };
-    let json = encode(&RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None });
+    let json = encode_users(Action::Insert, Some(&new), None);
     assert_eq!(
         json,
         concat!(
@@ -39,40 +49,34 @@ fn insert_has_the_wal_listener_keys_then_position_keys() {
 
 #[test]
 fn delete_has_empty_data_and_only_the_key_in_data_old() {
-    let relation = users();
     let old = OldTuple::Key(TupleData { values: vec![Value::Text(b"7"), Value::Null, Value::Null] });
-    let json = encode(&RowChange { relation: &relation, action: Action::Delete, new: None, old: Some(&old) });
+    let json = encode_users(Action::Delete, None, Some(&old));
     assert!(json.contains(r#""action":"DELETE","data":{},"dataOld":{"id":7},"#), "{json}");
 }
 
 #[test]
 fn full_old_row_keeps_every_column() {
-    let relation = users();
     let old = OldTuple::Full(TupleData { values: vec![Value::Text(b"7"), Value::Text(b"e"), Value::Null] });
     let new = TupleData { values: vec![Value::Text(b"7"), Value::Text(b"f"), Value::Null] };
-    let json =
-        encode(&RowChange { relation: &relation, action: Action::Update, new: Some(&new), old: Some(&old) });
+    let json = encode_users(Action::Update, Some(&new), Some(&old));
     assert!(json.contains(r#""dataOld":{"id":7,"email":"e","bio":null}"#), "{json}");
 }
 
 #[test]
 fn unchanged_toast_is_left_out_and_named() {
-    let relation = users();
     let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"x"), Value::UnchangedToast] };
-    let json = encode(&RowChange { relation: &relation, action: Action::Update, new: Some(&new), old: None });
+    let json = encode_users(Action::Update, Some(&new), None);
     assert!(json.contains(r#""data":{"id":1,"email":"x"}"#), "{json}");
     assert!(json.ends_with(r#","ordinal":2,"unchangedToast":["bio"]}"#), "{json}");
 }
 
 #[test]
 fn unchanged_toast_takes_the_value_of_a_full_old_row() {
-    let relation = users();
     let old = OldTuple::Full(TupleData {
         values: vec![Value::Text(b"1"), Value::Text(b"x"), Value::Text(b"long")],
     });
     let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"y"), Value::UnchangedToast] };
-    let json =
-        encode(&RowChange { relation: &relation, action: Action::Update, new: Some(&new), old: Some(&old) });
+    let json = encode_users(Action::Update, Some(&new), Some(&old));
     assert!(json.contains(r#""data":{"id":1,"email":"y","bio":"long"}"#), "{json}");
     assert!(!json.contains("unchangedToast"), "{json}");
 }
@@ -85,7 +89,13 @@ fn mismatched_tuple_is_an_error() {
     let err = encode_event(
         &mut out,
         "nil",
-        &RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None },
+        &RowChange {
+            relation: &relation,
+            kinds: &kinds(&relation),
+            action: Action::Insert,
+            new: Some(&new),
+            old: None,
+        },
         &POSITION,
     )
     .unwrap_err();
@@ -97,7 +107,13 @@ fn invalid_utf8_is_an_error() {
     let relation = users();
     let new = TupleData { values: vec![Value::Text(b"1"), Value::Text(b"\xff"), Value::Null] };
     let mut out = Vec::new();
-    let change = RowChange { relation: &relation, action: Action::Insert, new: Some(&new), old: None };
+    let change = RowChange {
+        relation: &relation,
+        kinds: &kinds(&relation),
+        action: Action::Insert,
+        new: Some(&new),
+        old: None,
+    };
     assert!(matches!(encode_event(&mut out, "nil", &change, &POSITION), Err(EventError::InvalidUtf8 { .. })));
 }
 
