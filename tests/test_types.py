@@ -44,7 +44,6 @@ GOLDEN = [
     ("timestamptz", "'infinity'", "infinity"),
     ("timestamptz", "'-infinity'", "-infinity"),
     ("money", "12.34", "$12.34"),
-    ("xml", "'<a x=\"1\">é</a>'", '<a x="1">é</a>'),
     ("tsvector", "'a fat cat'", "'a' 'cat' 'fat'"),
     ("int4range", "'[1,5)'", "[1,5)"),
     ("interval", "'1 day 02:03:04'", "1 day 02:03:04"),
@@ -80,6 +79,16 @@ def test_golden_values_of_built_in_types(streaming, nats_server):
         assert full[f"c{i}"] == expected, f"{type_name} {literal}"
         assert type(full[f"c{i}"]) is type(expected), f"{type_name} {literal}"
     assert nulls == {"id": 2, **{f"c{i}": None for i in range(len(GOLDEN))}}
+
+
+def test_xml_is_its_text_output(streaming, nats_server):
+    try:
+        streaming.execute("""SELECT '<a x="1">é</a>'::xml""")
+    except Exception as e:  # the PostgreSQL 18 wheel is built without libxml
+        pytest.skip(f"server without xml support: {e}")
+    streaming.execute("""CREATE TABLE x (v xml); INSERT INTO x VALUES ('<a x="1">é</a>')""")
+    assert wait_for_count(nats_server.url, 1) == 1
+    assert read_stream(nats_server.url)[0].body["data"] == {"v": '<a x="1">é</a>'}
 
 
 def test_user_defined_types_map_through_the_catalog(streaming, nats_server):
