@@ -1,0 +1,200 @@
+"""Nothing lost, nothing duplicated: a loader commits numbered rows in many
+transactions while one fault is injected; the checker then compares every
+row the table holds with every event the stream holds."""
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import nats
+import psycopg
+import pytest
+
+from harness import read_stream, stream_count, wait_until
+
+TRANSACTIONS = 300
+ROWS_PER_TRANSACTION = 10
+
+
+class Loader(threading.Thread):
+    """Commits rows 1..TRANSACTIONS*ROWS_PER_TRANSACTION, one transaction at a
+    time, riding out server crashes. A retried insert whose first attempt did
+    commit inserts nothing (ON CONFLICT), so the table stays the truth."""
+
+    def __init__(self, cluster):
+        super().__init__(daemon=True)
+        self.cluster = cluster
+        self.committed_transactions = 0
+        self.errors = 0
+
+    def run(self):
+        deadline = time.monotonic() + 180
+        while self.committed_transactions < TRANSACTIONS and time.monotonic() < deadline:
+            try:
+                with self.cluster.connect() as conn:
+                    while self.committed_transactions < TRANSACTIONS:
+                        first = self.committed_transactions * ROWS_PER_TRANSACTION + 1
+                        conn.execute(
+                            "INSERT INTO load SELECT g FROM generate_series(%s::int, %s::int) g ON CONFLICT DO NOTHING",
+                            (first, first + ROWS_PER_TRANSACTION - 1),
+                        )
+                        self.committed_transactions += 1
+                        time.sleep(0.005)
+            except (psycopg.Error, OSError):
+                self.errors += 1
+                time.sleep(0.2)
+
+    def wait_for(self, transactions: int):
+        wait_until(lambda: self.committed_transactions >= transactions, 120, f"{transactions} loader transactions")
+
+
+def start_loader(cluster) -> Loader:
+    cluster.execute("CREATE TABLE load (n int PRIMARY KEY)")
+    loader = Loader(cluster)
+    loader.start()
+    return loader
+
+
+def check_everything_arrived_once(cluster, nats_server, loader: Loader):
+    loader.join(timeout=200)
+    assert not loader.is_alive() and loader.committed_transactions == TRANSACTIONS
+    rows = sorted(r["n"] for r in cluster.execute("SELECT n FROM load"))
+    assert rows == list(range(1, TRANSACTIONS * ROWS_PER_TRANSACTION + 1))
+    wait_until(lambda: stream_count(nats_server.url) >= len(rows), 180, f"{len(rows)} events", interval=0.5)
+    time.sleep(2)  # and nothing more arrives
+    events = read_stream(nats_server.url)
+    numbers = [e.body["data"]["n"] for e in events if e.body["table"] == "load"]
+    assert len(numbers) == len(set(numbers)), "duplicate events"
+    assert sorted(numbers) == rows, "lost events"
+    assert len({e.body["id"] for e in events}) == len(events)
+
+
+def worker_pid(cluster) -> int:
+    return cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'wal_listener'")[0]["pid"]
+
+
+def postmaster_pid(cluster) -> int:
+    return int((cluster.data / "postmaster.pid").read_text().split()[0])
+
+
+async def _last_row(url: str) -> int:
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        msg = await nc.jetstream().get_last_msg("wal_listener", "wal_listener.public_load")
+        return json.loads(msg.data)["data"]["n"]
+    except Exception:
+        return 0
+    finally:
+        await nc.close()
+
+
+def first_row_after(loader: Loader) -> int:
+    """A row number no transaction in flight now can hold."""
+    return (loader.committed_transactions + 1) * ROWS_PER_TRANSACTION
+
+
+def report_recovery(fault: str, started: float, arrived):
+    """Prints how long after `started` the pipeline delivered again: until
+    `arrived()` is true."""
+    wait_until(arrived, 120, f"delivery after: {fault}", 0.05)
+    print(f"\n{fault}: delivering again {time.monotonic() - started:.2f} s after")
+
+
+def newer_row_stored(nats_server, row: int):
+    return lambda: asyncio.run(_last_row(nats_server.url)) > row
+
+
+def caught_up(nats_server, loader: Loader):
+    """True once every row committed before this call is in the stream."""
+    row = loader.committed_transactions * ROWS_PER_TRANSACTION
+    return lambda: asyncio.run(_last_row(nats_server.url)) >= row
+
+
+def test_worker_killed_with_sigkill(streaming, nats_server):
+    loader = start_loader(streaming)
+    loader.wait_for(TRANSACTIONS // 3)
+    started, row = time.monotonic(), first_row_after(loader)
+    os.kill(worker_pid(streaming), signal.SIGKILL)  # the postmaster then resets the whole cluster
+    report_recovery("kill -9 worker", started, newer_row_stored(nats_server, row))
+    check_everything_arrived_once(streaming, nats_server, loader)
+
+
+def test_postmaster_killed_with_sigkill(streaming, nats_server):
+    loader = start_loader(streaming)
+    loader.wait_for(TRANSACTIONS // 3)
+    started, row = time.monotonic(), first_row_after(loader)
+    os.kill(postmaster_pid(streaming), signal.SIGKILL)
+    # Its children notice and exit; start again once they have.
+    wait_until(lambda: _try_start(streaming), 60, "the server to start again", interval=0.5)
+    report_recovery("kill -9 postmaster, then pg_ctl start", started, newer_row_stored(nats_server, row))
+    check_everything_arrived_once(streaming, nats_server, loader)
+
+
+def _try_start(cluster) -> bool:
+    try:
+        cluster.start()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_server_restarted_while_loading(streaming, nats_server, mode):
+    loader = start_loader(streaming)
+    loader.wait_for(TRANSACTIONS // 3)
+    started, row = time.monotonic(), first_row_after(loader)
+    streaming.restart(mode)
+    report_recovery(f"pg_ctl restart -m {mode}", started, newer_row_stored(nats_server, row))
+    check_everything_arrived_once(streaming, nats_server, loader)
+
+
+def test_nats_stopped_for_30_seconds(streaming, nats_server):
+    loader = start_loader(streaming)
+    loader.wait_for(TRANSACTIONS // 3)
+    nats_server.stop()
+    time.sleep(30)
+    assert streaming.status()["state"] == "backoff"
+    nats_server.start()
+    started = time.monotonic()
+    report_recovery("nats-server stopped 30 s (timed from its restart)", started, caught_up(nats_server, loader))
+    check_everything_arrived_once(streaming, nats_server, loader)
+
+
+def test_nats_killed_with_sigkill(streaming, nats_server):
+    loader = start_loader(streaming)
+    loader.wait_for(TRANSACTIONS // 3)
+    nats_server.stop(signal.SIGKILL)
+    time.sleep(2)
+    nats_server.start()
+    started = time.monotonic()
+    report_recovery("nats-server kill -9, down 2 s (timed from its restart)", started, caught_up(nats_server, loader))
+    check_everything_arrived_once(streaming, nats_server, loader)
+
+
+def test_stream_deleted_while_streaming_comes_back(streaming, nats_server):
+    async def delete_stream():
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().delete_stream("wal_listener")
+        await nc.close()
+
+    loader = start_loader(streaming)
+    loader.wait_for(TRANSACTIONS // 3)
+    asyncio.run(delete_stream())
+    deleted_after = loader.committed_transactions * ROWS_PER_TRANSACTION
+    loader.join(timeout=200)
+    # Events stored before the deletion are gone with the stream; every row
+    # committed after it must be in the re-created stream, once.
+    wait_until(
+        lambda: (stream_count(nats_server.url) or 0) > 0
+        and max(e.body["data"]["n"] for e in read_stream(nats_server.url)) == TRANSACTIONS * ROWS_PER_TRANSACTION,
+        120,
+        "the last row in the re-created stream",
+        interval=1,
+    )
+    time.sleep(2)
+    numbers = [e.body["data"]["n"] for e in read_stream(nats_server.url)]
+    assert len(numbers) == len(set(numbers))
+    assert set(range(deleted_after + 1, TRANSACTIONS * ROWS_PER_TRANSACTION + 1)) <= set(numbers)
