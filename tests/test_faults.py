@@ -13,7 +13,7 @@ import nats
 import psycopg
 import pytest
 
-from harness import read_stream, stream_count, wait_until
+from harness import read_stream, stream_count, wait_for_count, wait_until
 
 TRANSACTIONS = 300
 ROWS_PER_TRANSACTION = 10
@@ -198,3 +198,33 @@ def test_stream_deleted_while_streaming_comes_back(streaming, nats_server):
     numbers = [e.body["data"]["n"] for e in read_stream(nats_server.url)]
     assert len(numbers) == len(set(numbers))
     assert set(range(deleted_after + 1, TRANSACTIONS * ROWS_PER_TRANSACTION + 1)) <= set(numbers)
+
+
+def test_stream_deleted_with_create_stream_off_waits_for_the_operator(streaming, nats_server):
+    async def stream(action):
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        if action == "delete":
+            await js.delete_stream("wal_listener")
+        else:
+            await js.add_stream(name="wal_listener", subjects=["wal_listener.>"])
+        await nc.close()
+
+    streaming.execute("ALTER SYSTEM SET wal_listener.create_stream = off")
+    streaming.execute("SELECT pg_reload_conf()")
+    wait_until(lambda: "configuration changed; reconnecting" in streaming.log(), 30, "the reload")
+    streaming.wait_for_state("streaming", timeout=30)
+    streaming.execute("CREATE TABLE t (id int)")
+    asyncio.run(stream("delete"))
+    streaming.execute("INSERT INTO t VALUES (1)")
+    status = wait_until(
+        lambda: (s := streaming.status())["state"] == "backoff" and "create_stream is off" in (s["last_error"] or "")
+        and s,
+        90,
+        "backoff saying the stream is missing",
+    )
+    assert "create it with subjects wal_listener.>" in status["last_error"]
+    asyncio.run(stream("create"))
+    streaming.wait_for_state("streaming", timeout=60)
+    assert wait_for_count(nats_server.url, 1) == 1
+    assert read_stream(nats_server.url)[0].body["data"] == {"id": 1}
