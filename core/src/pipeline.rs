@@ -17,9 +17,7 @@ use crate::event::{
     default_subject, encode_event, Action, EventIds, Position, RowChange, TypeCatalog, ValueKind,
 };
 use crate::filters::{Decision, Filters};
-use crate::pgoutput::{
-    self, Begin, Message, OldTuple, PgTimestamp, Relation, RelationCache, TupleData, Value,
-};
+use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData, Value};
 use crate::publish::{AckFuture, Publisher};
 use crate::replication::{self, OpenError, Session};
 use crate::status::{LogLevel, State, StatusBoard};
@@ -141,9 +139,7 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
 
 /// The transaction being received.
 struct Transaction {
-    commit_lsn: Lsn,
-    commit_time: PgTimestamp,
-    xid: u32,
+    begin: Begin,
     /// Index of the next change, counted before any filtering.
     next_ordinal: u32,
 }
@@ -278,12 +274,7 @@ impl Streamer {
     }
 
     fn begin(&mut self, begin: Begin) {
-        self.transaction = Some(Transaction {
-            commit_lsn: begin.final_lsn,
-            commit_time: begin.commit_time,
-            xid: begin.xid,
-            next_ordinal: 0,
-        });
+        self.transaction = Some(Transaction { begin, next_ordinal: 0 });
     }
 
     async fn commit(&mut self, end_lsn: Lsn) -> Result<(), Error> {
@@ -291,12 +282,12 @@ impl Streamer {
         if let (Some((version, filters)), Some(transaction)) = (self.pending_filters.take(), transaction) {
             // Persist where this version took effect before any LSN past it
             // can be confirmed: a restart then starts with the right filters.
-            replication::record_config_commit(&self.source, version, transaction.commit_lsn).await?;
+            let commit_lsn = transaction.begin.final_lsn;
+            replication::record_config_commit(&self.source, version, commit_lsn).await?;
             self.board.log(
                 LogLevel::Info,
                 format!(
-                    "filters version {version} in force from {} ({} tables listed)",
-                    transaction.commit_lsn,
+                    "filters version {version} in force from {commit_lsn} ({} tables listed)",
                     filters.len()
                 ),
             );
@@ -358,12 +349,9 @@ impl Streamer {
         })?;
         let ordinal = transaction.next_ordinal;
         transaction.next_ordinal += 1;
-        let position = Position {
-            commit_lsn: transaction.commit_lsn,
-            commit_time: transaction.commit_time,
-            xid: transaction.xid,
-            ordinal,
-        };
+        let begin = &transaction.begin;
+        let position =
+            Position { commit_lsn: begin.final_lsn, commit_time: begin.commit_time, xid: begin.xid, ordinal };
 
         let relation = self.relations.get(relation_id).ok_or_else(|| {
             Error::Replication(format!(
@@ -371,8 +359,8 @@ impl Streamer {
             ))
         })?;
         // The extension's own tables are configuration, never events.
-        if relation.namespace == EXTENSION_SCHEMA {
-            if relation.name == CONFIG_TABLE_NAME && action == Action::Insert {
+        if relation.namespace == replication::EXTENSION_SCHEMA {
+            if relation.name == replication::CONFIG_TABLE_NAME && action == Action::Insert {
                 self.pending_filters = Some(parse_config_row(relation, new)?);
             }
             return Ok(());
@@ -416,10 +404,6 @@ impl Streamer {
         Ok(())
     }
 }
-
-/// Schema of the extension; its tables are never published.
-const EXTENSION_SCHEMA: &str = "wal_listener";
-const CONFIG_TABLE_NAME: &str = "config_changes";
 
 /// Reads (version, filters) from a new row of `wal_listener.config_changes`.
 fn parse_config_row(relation: &Relation, row: Option<&TupleData<'_>>) -> Result<(i64, Filters), Error> {

@@ -20,8 +20,11 @@ const SESSION_OPTIONS: &str =
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 const IDLE_WAKEUP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Schema of the extension (its control file fixes it); its tables are never published.
+pub const EXTENSION_SCHEMA: &str = "wal_listener";
 /// Where filter changes live (written by the SQL functions) and the
 /// publication that streams them.
+pub const CONFIG_TABLE_NAME: &str = "config_changes";
 pub const CONFIG_TABLE: &str = "wal_listener.config_changes";
 pub const CONFIG_PUBLICATION: &str = "wal_listener_config";
 
@@ -302,6 +305,11 @@ pub fn quote_literal(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_table_is_in_the_extension_schema() {
+        assert_eq!(CONFIG_TABLE, format!("{EXTENSION_SCHEMA}.{CONFIG_TABLE_NAME}"));
+    }
 
     #[test]
     fn quoting_doubles_the_quote_character() {

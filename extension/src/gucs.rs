@@ -86,9 +86,9 @@ pub fn register() {
         &NATS_USER,
         GucContext::Sighup,
     );
-    // Secrets: SHOW and pg_settings reveal them to superusers only (and to
-    // pg_read_all_settings members, as for every such GUC).
-    // A show hook masks the value even for superusers and pg_read_all_settings.
+    // Secrets: SUPERUSER_ONLY refuses SHOW and hides pg_settings rows from
+    // other roles; the show hook masks the value even for superusers and
+    // pg_read_all_settings members.
     let secret = |name, short, setting, show: unsafe extern "C-unwind" fn() -> *const c_char| unsafe {
         GucRegistry::define_string_guc_with_hooks(
             name,

@@ -77,10 +77,6 @@ pub fn worker_started(pid: i32, started_at: i64) -> u64 {
     restart_requests
 }
 
-pub fn restart_requests() -> u64 {
-    STATUS.share().restart_requests
-}
-
 /// Counts a restart request and wakes the worker (SIGUSR1 sets its latch).
 /// Returns false when no worker runs.
 pub fn request_restart() -> bool {
@@ -95,8 +91,9 @@ pub fn request_restart() -> bool {
     pid != 0 && unsafe { libc::kill(pid, libc::SIGUSR1) } == 0
 }
 
-/// Copies the pipeline's status in.
-pub fn publish(snapshot: &StatusSnapshot) {
+/// Copies the pipeline's status in; returns the restart-request count,
+/// read under the same lock.
+pub fn publish(snapshot: &StatusSnapshot) -> u64 {
     let mut status = STATUS.exclusive();
     status.state = snapshot.state as u8;
     status.nats_connected = snapshot.nats_connected;
@@ -112,6 +109,7 @@ pub fn publish(snapshot: &StatusSnapshot) {
     }
     status.last_error[..len].copy_from_slice(&error.as_bytes()[..len]);
     status.last_error_len = len;
+    status.restart_requests
 }
 
 pub fn worker_stopped() {

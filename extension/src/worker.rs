@@ -107,13 +107,12 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
                 changed
             });
         }
-        let restarts_requested = shmem::restart_requests();
+        write_log(&board);
+        let restarts_requested = shmem::publish(&board.snapshot());
         if restarts_requested != restarts_seen {
             restarts_seen = restarts_requested;
             restart.notify_one();
         }
-        write_log(&board);
-        shmem::publish(&board.snapshot());
     }
 
     let _ = shutdown_tx.send(true);
