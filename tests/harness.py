@@ -7,17 +7,20 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import jsonschema
 import nats
 import psycopg
+import psycopg.sql
 from psycopg.rows import dict_row
 
 VENV = Path(os.environ.get("WL_VENV", "/opt/wal_listener/venv"))
@@ -135,6 +138,20 @@ class Postgres:
     def status(self) -> dict:
         return self.execute("SELECT * FROM wal_listener.status()")[0]
 
+    def worker_pid(self) -> int | None:
+        rows = self.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'wal_listener'")
+        return rows[0]["pid"] if rows else None
+
+    def set(self, **wal_listener_settings):
+        """ALTER SYSTEM SET (None: RESET) wal_listener.* settings and reload."""
+        for name, value in wal_listener_settings.items():
+            if value is None:
+                self.execute(f"ALTER SYSTEM RESET wal_listener.{name}")
+            else:
+                literal = psycopg.sql.Literal(str(value)).as_string(None)
+                self.execute(f"ALTER SYSTEM SET wal_listener.{name} = {literal}")
+        self.execute("SELECT pg_reload_conf()")
+
     def wait_for_state(self, state: str, timeout: float = 30) -> dict:
         def check():
             s = self.status()
@@ -154,9 +171,12 @@ class Postgres:
 class Nats:
     """nats-server with JetStream and a store that survives restarts."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, config: str = ""):
+        """`config`: extra nats-server configuration, e.g. `max_payload: 65536`."""
         self.dir = Path(tempfile.mkdtemp(prefix="wl-nats-"))
         self.port = port or free_port()
+        self.config = self.dir / "server.conf"
+        self.config.write_text(config)
         self.process: subprocess.Popen | None = None
         self.start()
 
@@ -166,7 +186,7 @@ class Nats:
 
     def start(self):
         self.process = subprocess.Popen(
-            [nats_server_bin(), "-js", "-sd", str(self.dir / "store"), "-a", "127.0.0.1", "-p", str(self.port)],
+            [nats_server_bin(), "-c", str(self.config), "-js", "-sd", str(self.dir / "store"), "-a", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=open(self.dir / "server.log", "a"),
         )
@@ -247,3 +267,65 @@ async def _read_stream(url: str, stream: str) -> list[Event]:
 
 def read_stream(url: str, stream: str = "wal_listener") -> list[Event]:
     return asyncio.run(_read_stream(url, stream))
+
+
+async def _inserted_numbers(url: str, stream: str) -> list[int]:
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        expected = (await js.stream_info(stream)).state.messages
+        numbers: list[int] = []
+        done = asyncio.Event()
+        pattern = re.compile(rb'"data":\{"n":(\d+)')
+
+        async def on_message(msg):
+            numbers.append(int(pattern.search(msg.data).group(1)))
+            if len(numbers) == expected:
+                done.set()
+
+        if expected:
+            # An ordered consumer needs no acks: ~100k messages/s here.
+            sub = await js.subscribe(f"{stream}.>", ordered_consumer=True, cb=on_message, pending_msgs_limit=200_000)
+            await asyncio.wait_for(done.wait(), timeout=300)
+            await sub.unsubscribe()
+        return numbers
+    finally:
+        await nc.close()
+
+
+def inserted_numbers(url: str, stream: str = "wal_listener") -> list[int]:
+    """Column `n` of every event in the stream, in stream order: for tables
+    whose only column is `n`, fast enough for millions of events."""
+    return asyncio.run(_inserted_numbers(url, stream))
+
+
+class PeakMemory(threading.Thread):
+    """Samples a process's anonymous RSS (its own heap, not shared memory)
+    until stopped; `peak_mib` is the highest sample."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak_kib = 0
+        self._done = threading.Event()
+        self.start()
+
+    def run(self):
+        while not self._done.is_set():
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            kib = int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1))
+            self.peak_kib = max(self.peak_kib, kib)
+            self._done.wait(self.interval)
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return self.peak_kib / 1024
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_kib / 1024

@@ -5,6 +5,7 @@ row the table holds with every event the stream holds."""
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ import nats
 import psycopg
 import pytest
 
-from harness import read_stream, stream_count, wait_for_count, wait_until
+from harness import Nats, inserted_numbers, read_stream, stream_count, wait_for_count, wait_until
 
 TRANSACTIONS = 300
 ROWS_PER_TRANSACTION = 10
@@ -72,10 +73,6 @@ def check_everything_arrived_once(cluster, nats_server, loader: Loader):
     assert len({e.body["id"] for e in events}) == len(events)
 
 
-def worker_pid(cluster) -> int:
-    return cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'wal_listener'")[0]["pid"]
-
-
 def postmaster_pid(cluster) -> int:
     return int((cluster.data / "postmaster.pid").read_text().split()[0])
 
@@ -117,7 +114,7 @@ def test_worker_killed_with_sigkill(streaming, nats_server):
     loader = start_loader(streaming)
     loader.wait_for(TRANSACTIONS // 3)
     started, row = time.monotonic(), first_row_after(loader)
-    os.kill(worker_pid(streaming), signal.SIGKILL)  # the postmaster then resets the whole cluster
+    os.kill(streaming.worker_pid(), signal.SIGKILL)  # the postmaster then resets the whole cluster
     report_recovery("kill -9 worker", started, newer_row_stored(nats_server, row))
     check_everything_arrived_once(streaming, nats_server, loader)
 
@@ -229,3 +226,91 @@ def test_stream_deleted_with_create_stream_off_waits_for_the_operator(streaming,
     streaming.wait_for_state("streaming", timeout=60)
     assert wait_for_count(nats_server.url, 1) == 1
     assert read_stream(nats_server.url)[0].body["data"] == {"id": 1}
+
+
+def test_event_larger_than_max_payload(make_cluster):
+    """Policy `error` stops before the event and publishes nothing after it;
+    `skip` leaves it out with a log line naming it and a count in status."""
+    small_nats = Nats(config="max_payload: 32768")
+    try:
+        cluster = make_cluster(nats_url=f"'{small_nats.url}'")
+        cluster.execute("CREATE EXTENSION wal_listener")
+        cluster.wait_for_state("streaming", timeout=60)
+        cluster.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        cluster.execute("INSERT INTO docs SELECT g, 'small' FROM generate_series(1, 3) g")
+        with cluster.connect() as conn, conn.transaction():
+            conn.execute("INSERT INTO docs VALUES (4, repeat('x', 100000))")
+            conn.execute("INSERT INTO docs VALUES (5, 'after the big one')")
+        cluster.execute("INSERT INTO docs VALUES (6, 'next transaction')")
+
+        status = wait_until(
+            lambda: (s := cluster.status())["state"] == "backoff" and "max_payload" in (s["last_error"] or "") and s,
+            60,
+            "backoff naming max_payload",
+        )
+        assert "public.docs (id)=(4)" in status["last_error"], status["last_error"]
+        assert "oversize_policy = skip" in status["last_error"]
+        time.sleep(3)  # retries fail the same way; nothing after row 4 goes out
+        assert [e.body["data"]["id"] for e in read_stream(small_nats.url)] == [1, 2, 3]
+
+        cluster.set(oversize_policy="skip")
+        assert wait_for_count(small_nats.url, 5) == 5
+        assert [e.body["data"]["id"] for e in read_stream(small_nats.url)] == [1, 2, 3, 5, 6]
+        wait_until(lambda: cluster.status()["events_skipped"] == 1, 10, "events_skipped = 1")
+        skipped = [line for line in cluster.log().splitlines() if "skipped event" in line]
+        assert len(skipped) == 1 and "public.docs (id)=(4)" in skipped[0], skipped
+        assert re.search(r"committed at [0-9A-F]+/[0-9A-F]+", skipped[0]), skipped[0]
+    finally:
+        small_nats.destroy()
+
+
+@pytest.mark.parametrize(
+    "fault, error",
+    [
+        ("panic", "panicked"),
+        ("unknown_message", "unknown pgoutput message type"),
+        ("undescribed_relation", "never described"),
+    ],
+)
+def test_bad_input_and_panics_restart_from_the_slot(streaming, nats_server, fault, error):
+    """A panic or undecodable data in the pipeline: status shows the error,
+    the server and its sessions live on, and once the fault is gone every
+    row arrives once."""
+    bystander = streaming.connect()
+    streaming.execute("CREATE TABLE load (n int PRIMARY KEY)")
+    streaming.execute("INSERT INTO load SELECT generate_series(1, 5)")
+    assert wait_for_count(nats_server.url, 5) == 5
+    streaming.set(inject_fault=fault)
+    wait_until(lambda: "configuration changed" in streaming.log(), 30, "the reload")
+    streaming.execute("INSERT INTO load SELECT generate_series(6, 10)")
+    status = wait_until(
+        lambda: (s := streaming.status())["state"] == "backoff" and error in (s["last_error"] or "") and s,
+        30,
+        f"backoff with {error!r}",
+    )
+    print(f"\n{fault}: {status['last_error']}")
+    assert stream_count(nats_server.url) == 5
+    streaming.set(inject_fault=None)
+    assert wait_for_count(nats_server.url, 10) == 10
+    assert sorted(inserted_numbers(nats_server.url)) == list(range(1, 11))
+    assert bystander.execute("SELECT 1").fetchone() is not None, "the server restarted"
+    assert "terminated by signal" not in streaming.log()
+    bystander.close()
+
+
+def test_panic_on_the_worker_main_thread(streaming, nats_server):
+    """The thread that calls Postgres panics: the worker exits with an ERROR
+    and is started again; the rest of the server is untouched."""
+    bystander = streaming.connect()
+    first_worker = streaming.worker_pid()
+    streaming.execute("CREATE TABLE load (n int PRIMARY KEY)")
+    streaming.set(inject_fault="host_panic")
+    wait_until(lambda: "injected by wal_listener.inject_fault = host_panic" in streaming.log(), 30, "the panic")
+    streaming.execute("INSERT INTO load SELECT generate_series(1, 5)")
+    streaming.set(inject_fault=None)
+    assert wait_for_count(nats_server.url, 5, timeout=60) == 5
+    assert sorted(inserted_numbers(nats_server.url)) == [1, 2, 3, 4, 5]
+    assert streaming.worker_pid() not in (None, first_worker)
+    assert bystander.execute("SELECT 1").fetchone() is not None, "the server restarted"
+    assert "terminated by signal" not in streaming.log()
+    bystander.close()

@@ -46,6 +46,8 @@ async fn main() {
         create_stream: true,
         max_in_flight: 4096,
         auth: Default::default(),
+        tls: Default::default(),
+        oversize_policy: Default::default(),
     };
     let board = Arc::new(StatusBoard::new(Box::new(|| {})));
     let (_config_tx, config_rx) = watch::channel(PipelineConfig::new(source, publish));

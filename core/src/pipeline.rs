@@ -12,14 +12,16 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{watch, Notify};
 
-use crate::config::{PipelineConfig, SourceConfig};
+use crate::config::{InjectedFault, OversizePolicy, PipelineConfig, SourceConfig};
 use crate::event::{
-    default_subject, encode_event, Action, EventIds, Position, RowChange, TypeCatalog, ValueKind,
+    default_subject, describe_row, encode_event, Action, EventIds, Position, RowChange, TypeCatalog,
+    ValueKind,
 };
 use crate::filters::{Decision, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData, Value};
-use crate::publish::{AckFuture, Publisher};
+use crate::publish::{AckFuture, Publisher, Sent};
 use crate::replication::{self, OpenError, Session};
+use crate::slot_watch;
 use crate::status::{LogLevel, State, StatusBoard};
 use crate::{Error, Lsn};
 
@@ -36,6 +38,7 @@ pub async fn run_supervised(
     restart: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slot_watch = tokio::spawn(slot_watch::run(config.clone(), board.clone()));
     let mut delay: Option<Duration> = None;
     let mut waiting_reason: Option<String> = None;
     while !*shutdown.borrow() {
@@ -99,6 +102,7 @@ pub async fn run_supervised(
             _ = stop_requested(&mut shutdown) => {}
         }
     }
+    slot_watch.abort();
     board.set_nats_connected(false);
     board.set_state(State::Stopped);
 }
@@ -153,6 +157,8 @@ struct Streamer {
     topic: String,
     topic_prefix: String,
     max_in_flight: usize,
+    oversize_policy: OversizePolicy,
+    inject_fault: Option<InjectedFault>,
     relations: RelationCache,
     /// How each relation's columns map to JSON, by relation id.
     kinds: HashMap<u32, Vec<ValueKind>>,
@@ -185,6 +191,8 @@ impl Streamer {
             topic: cfg.publish.topic.clone(),
             topic_prefix: cfg.publish.topic_prefix.clone(),
             max_in_flight: cfg.publish.max_in_flight.max(1),
+            oversize_policy: cfg.publish.oversize_policy,
+            inject_fault: cfg.inject_fault,
             relations: RelationCache::default(),
             kinds: HashMap::new(),
             catalog: TypeCatalog::default(),
@@ -257,7 +265,12 @@ impl Streamer {
                 Ok(())
             }
             ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn.into()).await,
-            ReplicationEvent::XLogData { data, .. } => self.on_pgoutput(&data).await,
+            ReplicationEvent::XLogData { data, .. } => match self.inject_fault {
+                Some(fault) if matches!(data.first(), Some(b'I' | b'U' | b'D')) => {
+                    self.on_row_change_with_fault(fault, &data).await
+                }
+                _ => self.on_pgoutput(&data).await,
+            },
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // Nothing received is unacked: the server's position is safe to confirm,
                 // so an idle or fully filtered database does not pin WAL.
@@ -302,6 +315,22 @@ impl Streamer {
         Ok(())
     }
 
+    /// Handles a row change the way `fault` says (tests only, see [`InjectedFault`]).
+    async fn on_row_change_with_fault(&mut self, fault: InjectedFault, data: &[u8]) -> Result<(), Error> {
+        match fault {
+            InjectedFault::Panic => panic!("injected by wal_listener.inject_fault = panic"),
+            InjectedFault::UnknownMessage => {
+                let mut unknown = data.to_vec();
+                unknown[0] = b'?';
+                self.on_pgoutput(&unknown).await
+            }
+            InjectedFault::UndescribedRelation => {
+                self.relations = RelationCache::default();
+                self.on_pgoutput(data).await
+            }
+        }
+    }
+
     async fn on_pgoutput(&mut self, data: &[u8]) -> Result<(), Error> {
         match pgoutput::decode(data)? {
             Message::Begin(begin) => self.begin(begin),
@@ -344,6 +373,12 @@ impl Streamer {
         new: Option<&TupleData<'_>>,
         old: Option<&OldTuple<'_>>,
     ) -> Result<(), Error> {
+        // One change can publish several events (TRUNCATE): keep the cap exact.
+        while self.in_flight.len() >= self.max_in_flight {
+            if let Some(ack) = self.in_flight.next().await {
+                self.on_ack(ack)?;
+            }
+        }
         let transaction = self.transaction.as_mut().ok_or_else(|| {
             Error::Replication(format!("protocol: {} outside a transaction", action.as_str()))
         })?;
@@ -377,7 +412,8 @@ impl Streamer {
         let id = self.ids.id_text(position.commit_lsn, ordinal, &mut id_buf);
         let mut body = Vec::with_capacity(self.last_event_len + 64);
         let kinds = self.kinds.get(&relation_id).map(Vec::as_slice).unwrap_or_default();
-        encode_event(&mut body, id, &RowChange { relation, kinds, action, new, old }, &position)?;
+        let change = RowChange { relation, kinds, action, new, old };
+        encode_event(&mut body, id, &change, &position)?;
         self.last_event_len = body.len();
         let subject = self
             .subjects
@@ -392,15 +428,34 @@ impl Streamer {
             })
             .clone();
 
-        // One change can publish several events (TRUNCATE): keep the cap exact.
-        while self.in_flight.len() >= self.max_in_flight {
-            if let Some(ack) = self.in_flight.next().await {
-                self.on_ack(ack)?;
+        match self.publisher.publish(subject, id, Bytes::from(body)).await? {
+            Sent::Pending(ack) => {
+                self.in_flight.push_back(ack);
+                self.published += 1;
+            }
+            Sent::TooLarge(why) => {
+                let what = format!(
+                    "event {id} for {} in the transaction committed at {}",
+                    describe_row(&change),
+                    position.commit_lsn
+                );
+                match self.oversize_policy {
+                    OversizePolicy::Error => {
+                        return Err(Error::Nats(format!(
+                            "{what} is larger than the NATS server's max_payload ({why}); nothing after it \
+                             is published until max_payload is raised or wal_listener.oversize_policy = skip"
+                        )))
+                    }
+                    OversizePolicy::Skip => {
+                        self.board.add_skipped(1);
+                        self.board.log(
+                            LogLevel::Warning,
+                            format!("skipped {what}: larger than the NATS server's max_payload ({why})"),
+                        );
+                    }
+                }
             }
         }
-        let ack = self.publisher.publish(subject, id, Bytes::from(body)).await?;
-        self.in_flight.push_back(ack);
-        self.published += 1;
         Ok(())
     }
 }

@@ -27,6 +27,11 @@ pub const EXTENSION_SCHEMA: &str = "wal_listener";
 pub const CONFIG_TABLE_NAME: &str = "config_changes";
 pub const CONFIG_TABLE: &str = "wal_listener.config_changes";
 pub const CONFIG_PUBLICATION: &str = "wal_listener_config";
+/// The slots the worker streamed from (see `reset_slot()` in api.sql).
+const STREAMED_SLOTS_TABLE: &str = "wal_listener.streamed_slots";
+
+/// Prefix of the heartbeat messages the worker writes with `pg_logical_emit_message`.
+pub const HEARTBEAT_PREFIX: &str = "wal_listener.heartbeat";
 
 /// Messages buffered between the socket reader and the pipeline; bounds memory.
 const RECEIVE_BUFFER_MESSAGES: usize = 1024;
@@ -188,6 +193,55 @@ pub async fn lookup_types(cfg: &SourceConfig, oids: &[u32]) -> Result<Vec<TypeRo
         .ok_or_else(|| Error::Replication("unexpected pg_type row shape".into()))
 }
 
+/// How much WAL the slot holds back, against `max_slot_wal_keep_size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRetention {
+    /// `pg_replication_slots.wal_status`: reserved, extended, unreserved or lost.
+    pub wal_status: String,
+    /// WAL from the slot's `restart_lsn` to the current position.
+    pub retained_bytes: u64,
+    /// `max_slot_wal_keep_size` in bytes; `None` when unlimited.
+    pub limit_bytes: Option<u64>,
+}
+
+impl SlotRetention {
+    /// Share of the limit in use, in percent; `None` when unlimited.
+    pub fn percent_of_limit(&self) -> Option<f64> {
+        self.limit_bytes.map(|limit| self.retained_bytes as f64 * 100.0 / limit.max(1) as f64)
+    }
+}
+
+/// Reads the slot's WAL retention (`None` while the slot does not exist)
+/// and, with `heartbeat`, first writes a heartbeat message into the WAL so
+/// that the slot has something of this database to move past. One short
+/// session for both.
+pub async fn check_slot(cfg: &SourceConfig, heartbeat: bool) -> Result<Option<SlotRetention>, Error> {
+    let mut client = connect_gated(cfg, vec![cfg.publication.clone()]).await?;
+    let mut sql = Sql { client: &mut client };
+    if heartbeat {
+        sql.execute(&format!(
+            "SELECT pg_logical_emit_message(false, {}, '')",
+            quote_literal(HEARTBEAT_PREFIX)
+        ))
+        .await?;
+    }
+    let query = format!(
+        "SELECT wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+                pg_size_bytes(current_setting('max_slot_wal_keep_size')) \
+           FROM pg_replication_slots WHERE slot_name = {}",
+        quote_literal(&cfg.slot)
+    );
+    let Some(row) = sql.rows(&query).await?.into_iter().next() else {
+        return Ok(None);
+    };
+    let number = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+    Ok(Some(SlotRetention {
+        wal_status: row.first().cloned().flatten().unwrap_or_default(),
+        retained_bytes: number(1).unwrap_or(0).max(0) as u64,
+        limit_bytes: number(2).filter(|&limit| limit >= 0).map(|limit| limit as u64),
+    }))
+}
+
 fn connect_error(cfg: &SourceConfig, e: PgWireError) -> Error {
     let socket = format!("{}/.s.PGSQL.{}", cfg.socket_dir, cfg.port);
     let hint = match &e {
@@ -229,6 +283,15 @@ async fn ensure_slot(sql: &mut Sql<'_>, cfg: &SourceConfig) -> Result<(Lsn, bool
     );
     let mut rows = sql.rows(&query).await?;
     let created = rows.is_empty();
+    if created && cfg.require_extension && streamed_before(sql, &cfg.slot).await? {
+        return Err(Error::Setup(format!(
+            "replication slot \"{}\" is gone: it was dropped after the worker streamed from it, so \
+             changes committed since its last confirmed position may never reach NATS; the worker will \
+             not create a new slot silently. To stream again from the current WAL position, run \
+             SELECT wal_listener.reset_slot() (see the README, \"A lost slot\")",
+            cfg.slot
+        )));
+    }
     if created {
         sql.execute(&format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')",
@@ -250,16 +313,30 @@ async fn ensure_slot(sql: &mut Sql<'_>, cfg: &SourceConfig) -> Result<(Lsn, bool
     }
     if wal_status.as_deref() == Some("lost") {
         return Err(Error::Setup(format!(
-            "replication slot \"{}\" was invalidated (wal_status = lost): changes were lost; \
-             see the README's operations section to recover",
+            "replication slot \"{}\" was invalidated (wal_status = lost): the server removed WAL it \
+             still needed, past max_slot_wal_keep_size, so changes were lost. To stream again from the \
+             current WAL position, run SELECT wal_listener.reset_slot() (see the README, \"A lost slot\")",
             cfg.slot
         )));
+    }
+    if cfg.require_extension {
+        sql.execute(&format!(
+            "INSERT INTO {STREAMED_SLOTS_TABLE} (slot_name) VALUES ({}) ON CONFLICT DO NOTHING",
+            quote_literal(&cfg.slot)
+        ))
+        .await?;
     }
     let confirmed = confirmed
         .ok_or_else(|| Error::Setup(format!("replication slot \"{}\" has no confirmed_flush_lsn", cfg.slot)))?
         .parse::<Lsn>()
         .map_err(Error::Replication)?;
     Ok((confirmed, created))
+}
+
+/// Whether the worker streamed from `slot` before (the extension's record).
+async fn streamed_before(sql: &mut Sql<'_>, slot: &str) -> Result<bool, Error> {
+    let query = format!("SELECT 1 FROM {STREAMED_SLOTS_TABLE} WHERE slot_name = {}", quote_literal(slot));
+    Ok(sql.one_value(&query).await?.is_some())
 }
 
 /// SQL on the gated replication session (simple query protocol, text results).

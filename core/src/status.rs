@@ -64,6 +64,8 @@ pub struct StatusSnapshot {
     pub nats_connected: bool,
     pub events_published: u64,
     pub events_filtered: u64,
+    /// Left out by `oversize_policy = skip`.
+    pub events_skipped: u64,
     /// Highest LSN reported to the walsender as flushed.
     pub confirmed_lsn: Lsn,
     /// Unix microseconds; 0 = never.
@@ -86,6 +88,7 @@ pub struct StatusBoard {
     nats_connected: AtomicBool,
     events_published: AtomicU64,
     events_filtered: AtomicU64,
+    events_skipped: AtomicU64,
     confirmed_lsn: AtomicU64,
     last_event_at: AtomicI64,
     /// When progress last woke the host (unix microseconds).
@@ -103,6 +106,7 @@ impl StatusBoard {
             nats_connected: AtomicBool::new(false),
             events_published: AtomicU64::new(0),
             events_filtered: AtomicU64::new(0),
+            events_skipped: AtomicU64::new(0),
             confirmed_lsn: AtomicU64::new(0),
             last_event_at: AtomicI64::new(0),
             last_progress_wake: AtomicI64::new(0),
@@ -146,6 +150,10 @@ impl StatusBoard {
         self.events_filtered.fetch_add(count, Ordering::Relaxed);
     }
 
+    pub fn add_skipped(&self, count: u64) {
+        self.events_skipped.fetch_add(count, Ordering::Relaxed);
+    }
+
     pub fn set_confirmed_lsn(&self, lsn: Lsn) {
         self.confirmed_lsn.fetch_max(lsn.0, Ordering::Relaxed);
     }
@@ -187,6 +195,7 @@ impl StatusBoard {
             nats_connected: self.nats_connected.load(Ordering::Relaxed),
             events_published: self.events_published.load(Ordering::Relaxed),
             events_filtered: self.events_filtered.load(Ordering::Relaxed),
+            events_skipped: self.events_skipped.load(Ordering::Relaxed),
             confirmed_lsn: Lsn(self.confirmed_lsn.load(Ordering::Relaxed)),
             last_event_at: self.last_event_at.load(Ordering::Relaxed),
             last_error,

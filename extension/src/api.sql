@@ -15,6 +15,17 @@ CREATE TABLE config_changes (
 REVOKE ALL ON config_changes FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('config_changes', '');
 
+-- Slots the worker has streamed from. One listed here but missing from
+-- pg_replication_slots was dropped: the worker then stops instead of
+-- creating a new slot, which would silently skip the changes in between;
+-- reset_slot() accepts that loss. Not dumped: a restored database is a new
+-- source with a new slot.
+CREATE TABLE streamed_slots (
+    slot_name name PRIMARY KEY,
+    first_streamed_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON streamed_slots FROM PUBLIC;
+
 CREATE VIEW filters AS
     SELECT (f->>'relid')::oid::regclass AS "table",
            ARRAY(SELECT jsonb_array_elements_text(f->'actions')) AS actions,
@@ -105,6 +116,30 @@ AS $$ SELECT @extschema@._request_restart() $$;
 COMMENT ON FUNCTION restart() IS
     'Asks the worker to drop its connections and resume from the slot; returns at once (false: no worker).';
 
+CREATE FUNCTION reset_slot() RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_slot name := current_setting('wal_listener.slot_name');
+    v_wal_status text;
+BEGIN
+    SELECT s.wal_status INTO v_wal_status FROM pg_replication_slots s WHERE s.slot_name = v_slot;
+    IF FOUND AND v_wal_status IS DISTINCT FROM 'lost' THEN
+        RAISE EXCEPTION 'replication slot "%" is usable (wal_status %): nothing to reset', v_slot, v_wal_status
+            USING HINT = 'reset_slot() is for a slot that was dropped or invalidated.';
+    END IF;
+    IF FOUND THEN
+        PERFORM pg_drop_replication_slot(v_slot);
+    END IF;
+    DELETE FROM @extschema@.streamed_slots WHERE slot_name = v_slot;
+    PERFORM @extschema@._request_restart();
+    RETURN format('the worker creates slot "%s" anew at the current WAL position; changes committed '
+                  'since the old slot''s last confirmed position are not published', v_slot);
+END
+$$;
+COMMENT ON FUNCTION reset_slot() IS
+    'After the slot was dropped or invalidated: accept the lost changes and stream again from now.';
+
 CREATE FUNCTION status(
     OUT state text,
     OUT pid integer,
@@ -113,8 +148,12 @@ CREATE FUNCTION status(
     OUT confirmed_flush_lsn pg_lsn,
     OUT lag_bytes bigint,
     OUT retained_bytes bigint,
+    OUT wal_status text,
+    OUT retention_limit_bytes bigint,
+    OUT retention_percent numeric,
     OUT events_published bigint,
     OUT events_filtered bigint,
+    OUT events_skipped bigint,
     OUT nats_connected boolean,
     OUT last_error text,
     OUT last_error_time timestamptz,
@@ -123,7 +162,8 @@ CREATE FUNCTION status(
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     WITH here AS (
-        SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn
+        SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn,
+               nullif(pg_size_bytes(current_setting('max_slot_wal_keep_size')), -1) AS retention_limit
     )
     SELECT w.state,
            w.pid,
@@ -132,8 +172,12 @@ AS $$
            coalesce(s.confirmed_flush_lsn, nullif(w.worker_confirmed_lsn, '0/0')::pg_lsn),
            pg_wal_lsn_diff(h.lsn, coalesce(s.confirmed_flush_lsn, nullif(w.worker_confirmed_lsn, '0/0')::pg_lsn))::bigint,
            pg_wal_lsn_diff(h.lsn, s.restart_lsn)::bigint,
+           s.wal_status,
+           h.retention_limit,
+           round(100 * pg_wal_lsn_diff(h.lsn, s.restart_lsn) / h.retention_limit, 1),
            w.events_published,
            w.events_filtered,
+           w.events_skipped,
            w.nats_connected,
            CASE WHEN w.pid IS NULL AND pg_is_in_recovery()
                 THEN 'server is a standby: the worker starts streaming after promotion'
@@ -151,7 +195,7 @@ COMMENT ON FUNCTION status() IS 'State of the wal_listener worker: one row.';
 -- monitoring for pg_monitor. USAGE on the schema lets everyone else be
 -- refused by name ("permission denied for function add_filter").
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
-REVOKE ALL ON FUNCTION add_filter(regclass, text[], text), remove_filter(regclass), restart(),
+REVOKE ALL ON FUNCTION add_filter(regclass, text[], text), remove_filter(regclass), restart(), reset_slot(),
     _write_filters(regclass, jsonb), _request_restart(), _normalize_actions(text[]), _check_subject(text),
     _worker_status(), status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION status() TO pg_monitor;

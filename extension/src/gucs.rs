@@ -1,11 +1,14 @@
 //! The `wal_listener.*` settings of DESIGN.md section 4.
 
 use std::ffi::{c_char, CString};
+use std::time::Duration;
 
 use pgrx::pg_guard;
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
-use wal_listener_core::config::{NatsAuth, PublishConfig};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use wal_listener_core::config::{
+    InjectedFault, NatsAuth, NatsTls, OversizePolicy, PipelineConfig, PublishConfig, SourceConfig,
+};
 
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
@@ -20,6 +23,40 @@ static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(4096);
 static NATS_USER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static NATS_PASSWORD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static NATS_TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NATS_CREDENTIALS_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NATS_NKEY_SEED_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NATS_TLS_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NATS_TLS_CERT_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NATS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NATS_TLS_REQUIRED: GucSetting<bool> = GucSetting::<bool>::new(false);
+static OVERSIZE_POLICY: GucSetting<OversizeSetting> =
+    GucSetting::<OversizeSetting>::new(OversizeSetting::Error);
+static HEARTBEAT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+static INJECT_FAULT: GucSetting<FaultSetting> = GucSetting::<FaultSetting>::new(FaultSetting::None);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Debug)]
+enum OversizeSetting {
+    #[name = c"error"]
+    Error,
+    #[name = c"skip"]
+    Skip,
+}
+
+/// For tests only (hidden from SHOW ALL and the sample file).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Debug)]
+enum FaultSetting {
+    #[name = c"none"]
+    None,
+    #[name = c"panic"]
+    Panic,
+    #[name = c"unknown_message"]
+    UnknownMessage,
+    #[name = c"undescribed_relation"]
+    UndescribedRelation,
+    /// A panic on the worker's main thread, the one that calls Postgres.
+    #[name = c"host_panic"]
+    HostPanic,
+}
 
 pub fn register() {
     let string = |name, short, setting, context| {
@@ -104,6 +141,60 @@ pub fn register() {
     };
     secret(c"wal_listener.nats_password", c"NATS password (secret).", &NATS_PASSWORD, show_password);
     secret(c"wal_listener.nats_token", c"NATS authentication token (secret).", &NATS_TOKEN, show_token);
+    // Key files: the paths are not secret (like ssl_key_file); the files
+    // must be readable by the server's OS user only.
+    let file = |name, short, setting| string(name, short, setting, GucContext::Sighup);
+    file(
+        c"wal_listener.nats_credentials_file",
+        c"NATS credentials file (user JWT and NKey seed).",
+        &NATS_CREDENTIALS_FILE,
+    );
+    file(c"wal_listener.nats_nkey_seed_file", c"File holding a NATS NKey seed.", &NATS_NKEY_SEED_FILE);
+    file(
+        c"wal_listener.nats_tls_ca_file",
+        c"PEM file of the CAs that sign the NATS server's certificate.",
+        &NATS_TLS_CA_FILE,
+    );
+    file(
+        c"wal_listener.nats_tls_cert_file",
+        c"PEM client certificate for NATS (with nats_tls_key_file).",
+        &NATS_TLS_CERT_FILE,
+    );
+    file(c"wal_listener.nats_tls_key_file", c"PEM key of the NATS client certificate.", &NATS_TLS_KEY_FILE);
+    GucRegistry::define_bool_guc(
+        c"wal_listener.nats_tls_required",
+        c"Refuse NATS servers that do not offer TLS.",
+        c"",
+        &NATS_TLS_REQUIRED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"wal_listener.oversize_policy",
+        c"What to do with an event larger than the NATS server's max_payload: error (stop before it) or skip (log and count it).",
+        c"",
+        &OVERSIZE_POLICY,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"wal_listener.heartbeat_interval",
+        c"How often the worker writes a heartbeat into the WAL so the slot advances in quiet databases; 0 turns it off.",
+        c"",
+        &HEARTBEAT_INTERVAL_S,
+        0,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_enum_guc(
+        c"wal_listener.inject_fault",
+        c"Injects a fault into the worker, for tests of its error handling. Never set it in production.",
+        c"",
+        &INJECT_FAULT,
+        GucContext::Sighup,
+        GucFlags::NO_SHOW_ALL,
+    );
     // After the definitions: reserving drops placeholders of names not defined yet.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"wal_listener".as_ptr()) };
 }
@@ -148,14 +239,48 @@ pub fn role() -> Option<String> {
     Some(text(&ROLE)).filter(|r| !r.is_empty())
 }
 
-/// The settings a SIGHUP may change.
-pub fn publish_config() -> PublishConfig {
+/// The NATS settings (a SIGHUP may change them).
+fn publish_config() -> PublishConfig {
     PublishConfig {
         nats_url: text(&NATS_URL),
         topic: text(&TOPIC),
         topic_prefix: text(&TOPIC_PREFIX),
         create_stream: CREATE_STREAM.get(),
         max_in_flight: usize::try_from(MAX_IN_FLIGHT.get()).unwrap_or(1),
-        auth: NatsAuth { user: text(&NATS_USER), password: text(&NATS_PASSWORD), token: text(&NATS_TOKEN) },
+        auth: NatsAuth {
+            user: text(&NATS_USER),
+            password: text(&NATS_PASSWORD),
+            token: text(&NATS_TOKEN),
+            credentials_file: text(&NATS_CREDENTIALS_FILE),
+            nkey_seed_file: text(&NATS_NKEY_SEED_FILE),
+        },
+        tls: NatsTls {
+            ca_file: text(&NATS_TLS_CA_FILE),
+            cert_file: text(&NATS_TLS_CERT_FILE),
+            key_file: text(&NATS_TLS_KEY_FILE),
+            required: NATS_TLS_REQUIRED.get(),
+        },
+        oversize_policy: match OVERSIZE_POLICY.get() {
+            OversizeSetting::Error => OversizePolicy::Error,
+            OversizeSetting::Skip => OversizePolicy::Skip,
+        },
     }
+}
+
+/// The pipeline's whole config: `source` (fixed at start) and the settings a SIGHUP may change.
+pub fn pipeline_config(source: SourceConfig) -> PipelineConfig {
+    let mut config = PipelineConfig::new(source, publish_config());
+    config.heartbeat_interval = Duration::from_secs(HEARTBEAT_INTERVAL_S.get().max(0) as u64);
+    config.inject_fault = match INJECT_FAULT.get() {
+        FaultSetting::Panic => Some(InjectedFault::Panic),
+        FaultSetting::UnknownMessage => Some(InjectedFault::UnknownMessage),
+        FaultSetting::UndescribedRelation => Some(InjectedFault::UndescribedRelation),
+        FaultSetting::None | FaultSetting::HostPanic => None,
+    };
+    config
+}
+
+/// `wal_listener.inject_fault = host_panic`: the worker's main thread should panic.
+pub fn host_panic_injected() -> bool {
+    INJECT_FAULT.get() == FaultSetting::HostPanic
 }

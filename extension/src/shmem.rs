@@ -18,6 +18,7 @@ pub struct WorkerStatus {
     nats_connected: bool,
     events_published: u64,
     events_filtered: u64,
+    events_skipped: u64,
     confirmed_lsn: u64,
     /// Unix microseconds, 0 = never.
     last_event_at: i64,
@@ -39,6 +40,7 @@ impl Default for WorkerStatus {
             nats_connected: false,
             events_published: 0,
             events_filtered: 0,
+            events_skipped: 0,
             confirmed_lsn: 0,
             last_event_at: 0,
             last_error_at: 0,
@@ -99,6 +101,7 @@ pub fn publish(snapshot: &StatusSnapshot) -> u64 {
     status.nats_connected = snapshot.nats_connected;
     status.events_published = snapshot.events_published;
     status.events_filtered = snapshot.events_filtered;
+    status.events_skipped = snapshot.events_skipped;
     status.confirmed_lsn = snapshot.confirmed_lsn.0;
     status.last_event_at = snapshot.last_event_at;
     status.last_error_at = snapshot.last_error_at;
@@ -126,6 +129,7 @@ pub struct StatusRow {
     pub nats_connected: bool,
     pub events_published: i64,
     pub events_filtered: i64,
+    pub events_skipped: i64,
     pub confirmed_lsn: u64,
     pub last_event_at: Option<i64>,
     pub last_error: Option<String>,
@@ -146,6 +150,7 @@ pub fn read() -> Option<StatusRow> {
         nats_connected: s.nats_connected,
         events_published: s.events_published as i64,
         events_filtered: s.events_filtered as i64,
+        events_skipped: s.events_skipped as i64,
         confirmed_lsn: s.confirmed_lsn,
         last_event_at: nonzero(s.last_event_at),
         last_error: Some(String::from_utf8_lossy(&s.last_error[..s.last_error_len]).into_owned())

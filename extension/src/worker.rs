@@ -10,7 +10,7 @@ use std::time::Duration;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use tokio::sync::{watch, Notify};
-use wal_listener_core::config::{PipelineConfig, SourceConfig};
+use wal_listener_core::config::SourceConfig;
 use wal_listener_core::pipeline;
 use wal_listener_core::status::{unix_micros_now, LogLevel, StatusBoard};
 
@@ -67,7 +67,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
         Arc::new(StatusBoard::new(Box::new(move || EventFd::signal(fd))))
     };
     let runtime = build_runtime();
-    let (config_tx, config_rx) = watch::channel(PipelineConfig::new(source.clone(), gucs::publish_config()));
+    let (config_tx, config_rx) = watch::channel(gucs::pipeline_config(source.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let restart = Arc::new(Notify::new());
     let supervisor =
@@ -100,12 +100,15 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
                 pg_sys::ConfigReloadPending = 0;
                 pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
             }
-            let fresh = PipelineConfig::new(source.clone(), gucs::publish_config());
+            let fresh = gucs::pipeline_config(source.clone());
             config_tx.send_if_modified(|current| {
                 let changed = *current != fresh;
                 *current = fresh;
                 changed
             });
+        }
+        if gucs::host_panic_injected() {
+            panic!("injected by wal_listener.inject_fault = host_panic");
         }
         write_log(&board);
         let restarts_requested = shmem::publish(&board.snapshot());

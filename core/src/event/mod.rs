@@ -256,6 +256,41 @@ fn write_row<'r>(
     Ok(())
 }
 
+/// The row's identity for a log line, e.g. `public.orders (id)=(42)`: the
+/// replica identity columns of the new row, else of the old row. Values
+/// longer than 64 bytes are cut, so a huge key cannot flood the log.
+pub fn describe_row(change: &RowChange<'_, '_>) -> String {
+    const MAX_VALUE: usize = 64;
+    let relation = change.relation;
+    let row = change.new.or(match change.old {
+        Some(OldTuple::Key(row) | OldTuple::Full(row)) => Some(row),
+        None => None,
+    });
+    let mut names = Vec::new();
+    let mut values = Vec::new();
+    for (column, value) in relation.columns.iter().zip(row.map(|r| r.values.as_slice()).unwrap_or_default()) {
+        if !column.is_key {
+            continue;
+        }
+        names.push(column.name.as_str());
+        values.push(match value {
+            Value::Null => "NULL".to_owned(),
+            Value::UnchangedToast => "(unchanged toast)".to_owned(),
+            Value::Text(bytes) | Value::Binary(bytes) => {
+                let text = String::from_utf8_lossy(bytes);
+                match text.char_indices().nth(MAX_VALUE) {
+                    Some((cut, _)) => format!("{}…", &text[..cut]),
+                    None => text.into_owned(),
+                }
+            }
+        });
+    }
+    if names.is_empty() {
+        return format!("{} (no key)", qualified_name(relation));
+    }
+    format!("{} ({})=({})", qualified_name(relation), names.join(", "), values.join(", "))
+}
+
 fn check_width(relation: &Relation, row: &TupleData<'_>) -> Result<(), EventError> {
     if row.values.len() == relation.columns.len() {
         return Ok(());

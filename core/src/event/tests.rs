@@ -142,3 +142,24 @@ fn subjects_follow_the_wal_listener_scheme() {
     assert_eq!(default_subject("events", "app.", "public", "users"), "events.app.public_users");
     assert_eq!(default_subject("t", "", "my schema", "a.b*c>"), "t.my_schema_a_b_c_");
 }
+
+#[test]
+fn describe_row_names_the_key_of_the_new_or_old_row() {
+    let relation = users();
+    let kinds = kinds(&relation);
+    let new = TupleData { values: vec![Value::Text(b"42"), Value::Text(b"e"), Value::Null] };
+    let change =
+        RowChange { relation: &relation, kinds: &kinds, action: Action::Insert, new: Some(&new), old: None };
+    assert_eq!(describe_row(&change), "public.users (id)=(42)");
+
+    let long = "x".repeat(100);
+    let old =
+        OldTuple::Key(TupleData { values: vec![Value::Text(long.as_bytes()), Value::Null, Value::Null] });
+    let change =
+        RowChange { relation: &relation, kinds: &kinds, action: Action::Delete, new: None, old: Some(&old) };
+    assert_eq!(describe_row(&change), format!("public.users (id)=({}…)", "x".repeat(64)));
+
+    let change =
+        RowChange { relation: &relation, kinds: &kinds, action: Action::Truncate, new: None, old: None };
+    assert_eq!(describe_row(&change), "public.users (no key)");
+}

@@ -1,0 +1,84 @@
+"""Large transactions arrive whole while the worker's memory stays bounded,
+and a stalled NATS does not get the walsender disconnected."""
+
+import signal
+import time
+
+from harness import PeakMemory, inserted_numbers, stream_count, wait_for_count, wait_until
+
+# The issue's target for the worker's own memory (anonymous RSS).
+MEMORY_LIMIT_MIB = 64
+
+
+def check_all_arrived_once(nats_server, expected: int):
+    assert wait_for_count(nats_server.url, expected, timeout=600) == expected
+    numbers = inserted_numbers(nats_server.url)
+    assert len(numbers) == expected
+    assert len(set(numbers)) == expected, "duplicates"
+    assert min(numbers) == 1 and max(numbers) == expected, "lost events"
+
+
+def test_one_transaction_of_a_million_rows(streaming, nats_server):
+    streaming.execute("CREATE TABLE big (n int)")
+    memory = PeakMemory(streaming.worker_pid())
+    started = time.monotonic()
+    streaming.execute("INSERT INTO big SELECT generate_series(1, 1000000)")
+    committed = time.monotonic()
+    wait_until(lambda: stream_count(nats_server.url) >= 1_000_000, 600, "a million events", 0.5)
+    stored = time.monotonic()
+    peak = memory.stop()
+    check_all_arrived_once(nats_server, 1_000_000)
+    print(
+        f"\n1,000,000-row transaction: commit {committed - started:.1f} s, last event stored "
+        f"{stored - committed:.1f} s after commit; worker peak anonymous RSS {peak:.1f} MiB"
+    )
+    assert peak <= MEMORY_LIMIT_MIB
+
+
+def test_200k_transactions_of_10_rows(streaming, nats_server):
+    streaming.execute("CREATE TABLE small (n int)")
+    streaming.execute(
+        """CREATE PROCEDURE load(transactions int) LANGUAGE plpgsql AS $$
+           BEGIN
+               FOR t IN 0 .. transactions - 1 LOOP
+                   INSERT INTO small SELECT t * 10 + g FROM generate_series(1, 10) g;
+                   COMMIT;
+               END LOOP;
+           END $$"""
+    )
+    memory = PeakMemory(streaming.worker_pid())
+    started = time.monotonic()
+    streaming.execute("CALL load(200000)")
+    committed = time.monotonic()
+    wait_until(lambda: stream_count(nats_server.url) >= 2_000_000, 900, "two million events", 0.5)
+    stored = time.monotonic()
+    peak = memory.stop()
+    check_all_arrived_once(nats_server, 2_000_000)
+    print(
+        f"\n200,000 transactions x 10 rows: commits took {committed - started:.1f} s, last event stored "
+        f"{stored - started:.1f} s after the first commit; worker peak anonymous RSS {peak:.1f} MiB"
+    )
+    assert peak <= MEMORY_LIMIT_MIB
+
+
+def test_stalled_nats_does_not_get_the_walsender_disconnected(make_cluster, nats_server):
+    """nats-server is frozen (SIGSTOP) for 3 x wal_sender_timeout while the
+    worker has a backlog: the worker keeps answering the walsender, so the
+    same replication connection resumes once NATS does."""
+    cluster = make_cluster({"wal_sender_timeout": "'2s'"})
+    cluster.execute("CREATE EXTENSION wal_listener")
+    cluster.wait_for_state("streaming", timeout=60)
+    cluster.execute("CREATE TABLE t (n int)")
+    walsender = cluster.execute("SELECT pid FROM pg_stat_replication WHERE application_name = 'wal_listener'")[0]["pid"]
+    log_before = len(cluster.log())
+    nats_server.process.send_signal(signal.SIGSTOP)
+    try:
+        cluster.execute("INSERT INTO t SELECT generate_series(1, 200000)")
+        time.sleep(6)
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+    check_all_arrived_once(nats_server, 200_000)
+    log = cluster.log()[log_before:]
+    assert "replication timeout" not in log and "retrying" not in log, "the session was restarted"
+    after = cluster.execute("SELECT pid FROM pg_stat_replication WHERE application_name = 'wal_listener'")
+    assert [r["pid"] for r in after] == [walsender]
