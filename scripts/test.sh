@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . scripts/env.sh
 
+echo "== lint Dockerfile.pg"
+"$WL_VENV/bin/hadolint" Dockerfile.pg
+
 echo "== unit tests (core crate)"
 cargo test --quiet -p wal_listener_core
 # The core on its own, run by tests/test_core_standalone.py.

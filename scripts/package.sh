@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds the release package of the extension for one PostgreSQL major
+# version: the files `make install` would add to that server, as a tree to
+# copy onto / (cargo pgrx package). scripts/install.sh and Dockerfile.pg
+# both install from it, so every test run proves what the image ships.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+version="${1:?usage: scripts/package.sh 15|18 [pg_config] [out_dir]}"
+pg_config="${2:-$(pg_config_for "$version")}"
+out="$(realpath -m "${3:-target/package/pg$version}")"
+echo "== package wal_listener for PostgreSQL $version into $out"
+rm -rf "$out"
+(cd extension && cargo pgrx package --pg-config "$pg_config" --out-dir "$out" \
+    --no-default-features --features "pg$version" 2>&1 | grep -E "error|warning: unused|Finished" || true)
+for file in "$("$pg_config" --pkglibdir)/wal_listener.so" \
+    "$("$pg_config" --sharedir)/extension/wal_listener.control"; do
+    test -f "$out$file" || { echo "package is missing $file" >&2; exit 1; }
+done

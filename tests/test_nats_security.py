@@ -1,0 +1,110 @@
+"""The worker against a nats-server that requires each kind of client
+authentication: wrong credentials give `backoff` with an error naming the
+cause, and streaming resumes once the setting is fixed and reloaded."""
+
+import asyncio
+import shutil
+import ssl
+import tempfile
+from pathlib import Path
+
+import nats
+import pytest
+
+import nats_security
+from harness import Nats, wait_until
+
+
+def settings_for(secured: nats_security.Secured, untrusted: bool = False) -> dict:
+    """The wal_listener settings that present `secured`'s credentials."""
+    if secured.mode == "user_password":
+        return {"nats_user": secured.user, "nats_password": secured.password}
+    if secured.mode == "token":
+        return {"nats_token": secured.token}
+    if secured.mode == "nkey":
+        return {"nats_nkey_seed_file": secured.nkey_seed_file}
+    if secured.mode == "jwt":
+        return {"nats_credentials_file": secured.creds_file}
+    cert, key = (secured.untrusted_cert_file, secured.untrusted_key_file) if untrusted else (secured.cert_file, secured.key_file)
+    return {"nats_tls_ca_file": secured.ca_file, "nats_tls_cert_file": cert, "nats_tls_key_file": key, "nats_tls_required": "on"}
+
+
+def wrong_settings(secured: nats_security.Secured, directory: Path) -> dict:
+    """Credentials of the same kind that the server must refuse."""
+    if secured.mode == "user_password":
+        return settings_for(secured) | {"nats_password": "wrong"}
+    if secured.mode == "token":
+        return {"nats_token": "wrong"}
+    if secured.mode == "tls":
+        return settings_for(secured, untrusted=True)
+    # An NKey or a JWT user of another operator.
+    return settings_for(nats_security.MODES[secured.mode](directory / "other"))
+
+
+async def _stored_rows(secured: nats_security.Secured, url: str) -> list[bytes]:
+    options = {"user": secured.user or None, "password": secured.password or None, "token": secured.token or None}
+    if secured.nkey_seed_file:
+        options["nkeys_seed"] = str(secured.nkey_seed_file)
+    if secured.creds_file:
+        options["user_credentials"] = str(secured.creds_file)
+    if secured.ca_file:
+        context = ssl.create_default_context(cafile=str(secured.ca_file))
+        context.load_cert_chain(str(secured.cert_file), str(secured.key_file))
+        options["tls"] = context
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, **options)
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info("wal_listener")
+        except nats.js.errors.NotFoundError:
+            return []
+        if info.state.messages == 0:
+            return []
+        return [(await js.get_msg("wal_listener", seq)).data for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+    finally:
+        await nc.close()
+
+
+EXPECTED_CAUSE = {
+    "user_password": "refused our credentials",
+    "token": "refused our credentials",
+    "nkey": "refused our credentials",
+    "jwt": "refused our credentials",
+    "tls": "does not trust our client certificate",
+}
+
+
+@pytest.mark.parametrize("mode", list(nats_security.MODES))
+def test_authentication_mode(make_cluster, mode):
+    directory = Path(tempfile.mkdtemp(prefix=f"wl-natssec-{mode}-"))
+    secured = nats_security.MODES[mode](directory)
+    server = Nats(config=secured.config)
+    try:
+        quoted = lambda settings: {k: f"'{v}'" for k, v in settings.items()}
+        cluster = make_cluster(nats_url=f"'{server.url}'", **quoted(wrong_settings(secured, directory)))
+        cluster.execute("CREATE EXTENSION wal_listener")
+        status = wait_until(
+            lambda: (s := cluster.status())["state"] == "backoff" and EXPECTED_CAUSE[mode] in (s["last_error"] or "") and s,
+            60,
+            f"backoff naming {EXPECTED_CAUSE[mode]!r}",
+        )
+        print(f"\n{mode}, wrong credentials: {status['last_error']}")
+        if mode == "tls":
+            # Our side does not trust the server's certificate.
+            wrong_ca = secured.untrusted_cert_file.with_name("untrusted-ca.pem")
+            cluster.set(**settings_for(secured) | {"nats_tls_ca_file": wrong_ca})
+            status = wait_until(
+                lambda: "TLS failed" in ((s := cluster.status())["last_error"] or "") and s, 60, "a TLS error"
+            )
+            assert status["state"] == "backoff"
+            print(f"tls, server certificate not trusted: {status['last_error']}")
+
+        cluster.set(**settings_for(secured))
+        cluster.wait_for_state("streaming", timeout=60)
+        cluster.execute("CREATE TABLE t (id int)")
+        cluster.execute("INSERT INTO t VALUES (1)")
+        rows = wait_until(lambda: asyncio.run(_stored_rows(secured, server.url)), 30, "the event")
+        assert len(rows) == 1 and b'"data":{"id":1}' in rows[0]
+    finally:
+        server.destroy()
+        shutil.rmtree(directory, ignore_errors=True)
