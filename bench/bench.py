@@ -1,0 +1,466 @@
+"""wal_listener benchmarks (GitHub issue 8): throughput of the worker against
+its two limits (pgoutput decoding alone, JetStream publishing alone),
+commit-to-subscriber latency, pgbench overhead, and the core's decode+encode
+cost. Prints a markdown report and writes bench/results.md and results.png.
+
+Environment: WL_BENCH_SCALE (default 1) scales the workload sizes;
+WL_BENCH_CRITERION=0 skips the Criterion benchmark.
+"""
+
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import nats  # noqa: E402
+
+from harness import Nats, PeakMemory, Postgres, _as_postgres_user, free_port, stream_count, wait_until  # noqa: E402
+
+SCALE = float(os.environ.get("WL_BENCH_SCALE", "1"))
+RUN_CRITERION = os.environ.get("WL_BENCH_CRITERION", "1") != "0"
+PG_VERSION = "15"
+STREAM = "wal_listener"
+BASELINE = REPO / "target" / "release" / "examples" / "nats_baseline"
+OUT = Path(__file__).resolve().parent
+
+
+def scaled(n: int) -> int:
+    return max(1000, int(n * SCALE))
+
+
+# The narrow rows match core/benches/decode_encode.rs' narrow row.
+NARROW_TABLE = "(id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, n int, created timestamptz DEFAULT now())"
+
+# 30 columns, the same as the wide row of core/benches/decode_encode.rs.
+WIDE_COLUMNS = """
+    id bigint PRIMARY KEY, i2 smallint, i4 int, i8 bigint, num1 numeric, num2 numeric,
+    txt1 text, txt2 text, vc1 varchar(64), vc2 varchar(64), flag1 bool, flag2 bool,
+    ts1 timestamptz, ts2 timestamptz, d1 date, d2 date, doc1 jsonb, doc2 jsonb,
+    u1 uuid, u2 uuid, f1 float8, f2 float8, i4b int, i8b bigint, num3 numeric,
+    txt3 text, vc3 varchar(64), flag3 bool, ts3 timestamptz, big text"""
+WIDE_VALUES = """
+    i, (i % 30000)::smallint, i, i::bigint * 1000003, i / 7.0, i * 0.001,
+    'short text ' || i, 'another text, with "quotes" ' || i, 'varchar ' || i, 'user' || i || '@example.com',
+    i % 2 = 0, i % 3 = 0, now(), now() - i * interval '1 minute', current_date, date '2000-01-01' + i % 9000,
+    jsonb_build_object('a', i, 'b', jsonb_build_array(1, 2, 3), 'c', 'x'), '{"nested": {"k": "v", "n": null}}',
+    md5(i::text)::uuid, md5((i + 1)::text)::uuid, i / 3.0::float8, -0.5, -i, i::bigint * 17, 99.95,
+    'third text', 'v3', true, now(), repeat(md5(i::text), 64)"""
+
+SETUP_SQL = f"""
+CREATE TABLE bench_single {NARROW_TABLE};
+CREATE TABLE bench_bulk {NARROW_TABLE};
+CREATE TABLE bench_wide ({WIDE_COLUMNS});
+CREATE TABLE bench_latency {NARROW_TABLE};
+CREATE TABLE bench_pgbench (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, n int);
+-- Procedures commit per loop step: many transactions without a client round trip each.
+CREATE PROCEDURE bench_single_txns(count int) LANGUAGE plpgsql AS $$
+BEGIN
+  FOR i IN 1..count LOOP INSERT INTO bench_single(n) VALUES (i); COMMIT; END LOOP;
+END $$;
+CREATE PROCEDURE bench_wide_rows(count int, per_txn int) LANGUAGE plpgsql AS $$
+BEGIN
+  FOR start IN 0..count - 1 BY per_txn LOOP
+    INSERT INTO bench_wide SELECT {WIDE_VALUES} FROM generate_series(start + 1, least(start + per_txn, count)) i;
+    COMMIT;
+  END LOOP;
+END $$;
+"""
+
+
+class Bench:
+    def __init__(self):
+        self.nats_port = free_port()
+        self.pg = Postgres(
+            PG_VERSION,
+            {
+                "wal_listener.nats_url": f"'nats://127.0.0.1:{self.nats_port}'",
+                # Keep checkpoints out of the timed parts.
+                "max_wal_size": "'20GB'",
+                "checkpoint_timeout": "'1h'",
+            },
+        )
+        self.pg.start()
+        self.pg.execute("CREATE DATABASE app", dbname="postgres")
+        self.nats = Nats(port=self.nats_port)
+        self.pg.execute("CREATE EXTENSION wal_listener")
+        self.pg.wait_for_state("streaming", 60)
+        with self.pg.connect() as conn:
+            conn.execute(SETUP_SQL)
+        self.results = {"workloads": [], "scale": SCALE}
+
+    def close(self):
+        if self.nats:
+            self.nats.destroy()
+        self.pg.destroy()
+
+    def pg_tool(self, tool: str, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.pg.bindir / tool), "-h", str(self.pg.dir), "-p", str(self.pg.port), "-U", "postgres", *args],
+            check=True, capture_output=True, text=True, timeout=timeout, **_as_postgres_user(),
+        )
+
+    def stop_nats(self):
+        """NATS down and the worker idle in backoff: new WAL waits in the slot."""
+        if self.nats:
+            self.settle_slot()
+            self.nats.destroy()
+            self.nats = None
+        self.pg.execute("SELECT wal_listener.restart()")
+        self.pg.wait_for_state("backoff", 30)
+
+    def settle_slot(self, restart_lsn: bool = True):
+        """Waits until the worker's slot confirmed all WAL written so far (else
+        the worker replays the tail into the next, empty stream) and its
+        restart_lsn followed (else the next read re-decodes earlier workloads).
+        restart_lsn moves only past a running-xacts record, which CHECKPOINT logs."""
+        lsn = self.pg.execute("SELECT pg_current_wal_lsn()::text AS lsn")[0]["lsn"]
+
+        def settled():
+            if restart_lsn:
+                self.pg.execute("CHECKPOINT")
+            return self.pg.execute(
+                "SELECT (restart_lsn >= %(lsn)s::pg_lsn OR NOT %(restart)s) AND confirmed_flush_lsn >= %(lsn)s::pg_lsn AS ok "
+                "FROM pg_replication_slots WHERE slot_name = 'wal_listener'", {"lsn": lsn, "restart": restart_lsn})[0]["ok"]
+
+        wait_until(settled, 120, "the worker's slot to confirm everything", interval=1 if restart_lsn else 0.1)
+
+    def workload(self, name: str, events: int, generate: str):
+        print(f"== {name}: {events} events", flush=True)
+        self.stop_nats()
+        # Same restart and confirmed positions as the worker's slot: the same WAL to read.
+        self.pg.execute("SELECT pg_copy_logical_replication_slot('wal_listener', 'bench_decode')")
+        t = time.monotonic()
+        self.pg.execute(generate)
+        generate_s = time.monotonic() - t
+        end_lsn = self.pg.execute("SELECT pg_current_wal_lsn()::text AS lsn")[0]["lsn"]
+        self.pg.execute("CHECKPOINT")
+
+        decode_s = self.decode_only(end_lsn)
+        self.pg.execute("SELECT pg_drop_replication_slot('bench_decode')")
+        e2e = self.end_to_end(events)
+        payloads = OUT / f".payloads-{name}.bin"
+        dump_payloads(self.nats.url, events, payloads)
+        self.stop_nats()
+        nats_s = nats_only(payloads)
+        payloads.unlink()
+
+        row = {
+            "name": name, "events": events, "generate_s": generate_s,
+            "decode_eps": events / decode_s, "nats_eps": events / nats_s, **e2e,
+        }
+        row["ratio"] = row["e2e_eps"] / min(row["decode_eps"], row["nats_eps"])
+        print(json.dumps(row), flush=True)
+        self.results["workloads"].append(row)
+
+    def decode_only(self, end_lsn: str) -> float:
+        t = time.monotonic()
+        self.pg_tool(
+            "pg_recvlogical", "-d", "app", "--slot", "bench_decode", "--start", "--no-loop",
+            "--endpos", end_lsn, "-o", "proto_version=1", "-o", "publication_names=wal_listener", "-f", "/dev/null",
+        )
+        return time.monotonic() - t
+
+    def end_to_end(self, events: int) -> dict:
+        """NATS back, worker woken at t0; ends at the stored time of the last message.
+        Counting from t0 rather than from the first stored message includes what
+        the walsender does before the first event (for one big transaction:
+        decoding all of it into the reorder buffer), as pg_recvlogical's time does."""
+        self.nats = Nats(port=self.nats_port)
+        worker = self.pg.worker_pid()
+        peak = PeakMemory(worker)
+        cpu = {"worker": cpu_seconds(worker), "nats-server": cpu_seconds(self.nats.process.pid)}
+        t0 = time.time()
+        self.pg.execute("SELECT wal_listener.restart()")
+        walsender = wait_until(lambda: self.pg.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'wal_listener'")[0]["active_pid"],
+            30, "the worker's walsender")
+        wait_until(lambda: stream_count(self.nats.url) >= events, 3600, f"{events} events", 0.25)
+        t_seen = time.time()
+        cpu_pct = {
+            "worker": cpu_seconds(worker) - cpu["worker"],
+            "walsender": cpu_seconds(walsender),  # started after t0
+            "nats-server": cpu_seconds(self.nats.process.pid) - cpu["nats-server"],
+        }
+        cpu_pct = {k: round(100 * v / (t_seen - t0)) for k, v in cpu_pct.items()}
+        first, last = asyncio.run(stored_times(self.nats.url))
+        rss = peak.stop()
+        count = stream_count(self.nats.url)
+        if count != events:
+            raise RuntimeError(f"stream holds {count} events, expected {events}")
+        return {
+            "e2e_eps": events / (last - t0), "first_event_s": first - t0,
+            "e2e_s": last - t0, "rss_mib": rss, "cpu_pct": cpu_pct,
+        }
+
+    def latency(self, rate: int = 1000, seconds: int = 20):
+        print(f"== latency at {rate} tx/s for {seconds} s", flush=True)
+        if self.nats is None:
+            self.nats = Nats(port=self.nats_port)
+            self.pg.execute("SELECT wal_listener.restart()")
+            self.pg.wait_for_state("streaming", 30)
+        subscriber = LatencySubscriber(self.nats.url)
+        script = self.pg.dir / "latency.sql"
+        script.write_text("INSERT INTO bench_latency(n) VALUES (1);\n")
+        self.pg_tool("pgbench", "-n", "-c", "2", "-j", "2", "-R", str(rate), "-T", str(seconds), "-f", str(script), "app")
+        sent = self.pg.execute("SELECT count(*) AS n FROM bench_latency")[0]["n"]
+        wait_until(lambda: len(subscriber.latencies) >= sent, 60, f"{sent} latency events")
+        latencies = sorted(subscriber.stop())
+        ms = [x * 1000 for x in latencies]
+        self.results["latency"] = {
+            "rate": rate, "seconds": seconds, "events": len(ms), "p50_ms": statistics.median(ms),
+            "p99_ms": ms[int(len(ms) * 0.99) - 1], "max_ms": ms[-1],
+        }
+        print(json.dumps(self.results["latency"]), flush=True)
+
+    def pgbench(self, seconds: int = 20):
+        """TPS of single-row inserts (4 clients) with the worker streaming, then
+        on the same cluster restarted without the extension preloaded (no
+        worker; wal_level stays logical, as any CDC needs), then with a trigger
+        outbox instead. The same data directory keeps the comparison fair."""
+        script = self.pg.dir / "insert.sql"
+        script.write_text("INSERT INTO bench_pgbench(n) VALUES (1);\n")
+
+        def run(mode: str) -> float:
+            self.pg.execute("TRUNCATE bench_pgbench, bench_outbox" if mode == "outbox" else "TRUNCATE bench_pgbench")
+            self.pg.execute("CHECKPOINT")
+            out = self.pg_tool("pgbench", "-n", "-c", "4", "-j", "2", "-T", str(seconds), "-f", str(script), "app").stdout
+            tps = float(re.search(r"tps = ([\d.]+)", out).group(1))
+            print(f"== pgbench {mode}: {tps:.0f} TPS", flush=True)
+            return tps
+
+        results = {"worker streaming": run("streaming")}
+        t = time.monotonic()
+        self.settle_slot(restart_lsn=False)
+        self.results["pgbench_drain_s"] = time.monotonic() - t
+        with open(self.pg.data / "postgresql.conf", "a") as conf:
+            conf.write("shared_preload_libraries = ''\n")
+        self.pg.restart()
+        results["no worker"] = run("none")
+        self.pg.execute("""
+            CREATE TABLE bench_outbox (id bigserial PRIMARY KEY, payload json, created timestamptz DEFAULT now());
+            CREATE FUNCTION bench_outbox_write() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN INSERT INTO bench_outbox(payload) VALUES (row_to_json(NEW)); RETURN NEW; END $$;
+            CREATE TRIGGER bench_outbox AFTER INSERT ON bench_pgbench FOR EACH ROW EXECUTE FUNCTION bench_outbox_write();
+        """)
+        results["trigger outbox"] = run("outbox")
+        self.results["pgbench"] = results
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def stored_times(url: str) -> tuple[float, float]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        state = (await js.stream_info(STREAM)).state
+        first = await js.get_msg(STREAM, state.first_seq)
+        last = await js.get_msg(STREAM, state.last_seq)
+        return first.time.timestamp(), last.time.timestamp()
+    finally:
+        await nc.close()
+
+
+def dump_payloads(url: str, events: int, path: Path):
+    """Writes the stream's messages for nats_baseline: per message u32 subject
+    length, subject, u32 body length, body (big-endian)."""
+
+    async def dump():
+        nc = await nats.connect(url)
+        done = asyncio.Event()
+        with open(path, "wb") as f:
+            written = 0
+
+            async def on_message(msg):
+                nonlocal written
+                subject = msg.subject.encode()
+                f.write(struct.pack(">I", len(subject)) + subject + struct.pack(">I", len(msg.data)) + msg.data)
+                written += 1
+                if written == events:
+                    done.set()
+
+            sub = await nc.jetstream().subscribe(f"{STREAM}.>", ordered_consumer=True, cb=on_message,
+                                                 pending_msgs_limit=200_000, pending_bytes_limit=1 << 30)
+            await asyncio.wait_for(done.wait(), timeout=1800)
+            await sub.unsubscribe()
+        await nc.close()
+
+    asyncio.run(dump())
+
+
+def nats_only(payloads: Path) -> float:
+    server = Nats()
+    try:
+        out = subprocess.run([str(BASELINE), server.url, STREAM, str(payloads)],
+                             check=True, capture_output=True, text=True, timeout=3600)
+        return float(out.stdout.strip())
+    finally:
+        server.destroy()
+
+
+class LatencySubscriber:
+    """Core NATS subscription on wal_listener.> in a thread of its own;
+    latency = receive wall time - the event's commitTime (same host clock)."""
+
+    PATTERN = re.compile(rb'"commitTime":"([^"]+)"')
+
+    def __init__(self, url: str):
+        self.latencies: list[float] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(url),), daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    async def _run(self, url: str):
+        nc = await nats.connect(url)
+        self._stop = asyncio.Event()
+
+        async def on_message(msg):
+            received = time.time()
+            commit = datetime.fromisoformat(self.PATTERN.search(msg.data).group(1).decode())
+            self.latencies.append(received - commit.timestamp())
+
+        await nc.subscribe(f"{STREAM}.>", cb=on_message)
+        self._ready.set()
+        await self._stop.wait()
+        await nc.close()
+
+    def stop(self) -> list[float]:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        return self.latencies
+
+
+def criterion() -> dict:
+    print("== criterion decode_encode", flush=True)
+    out = subprocess.run(["cargo", "bench", "-p", "wal_listener_core", "--bench", "decode_encode"],
+                         cwd=REPO, check=True, capture_output=True, text=True).stdout
+    results = {}
+    for name in ("narrow", "wide"):
+        estimates = json.loads((REPO / "target" / "criterion" / "decode_encode" / name / "new" / "estimates.json").read_text())
+        line = re.search(rf"^{name}: (\d+) columns, (\d+) B pgoutput -> (\d+) B JSON, allocations/event: ([\d.]+)", out, re.M)
+        results[name] = {
+            "ns": estimates["mean"]["point_estimate"], "columns": int(line[1]),
+            "pgoutput_bytes": int(line[2]), "json_bytes": int(line[3]), "allocs": float(line[4]),
+        }
+    return results
+
+
+def machine() -> str:
+    cpu = re.search(r"model name\s*: (.*)", Path("/proc/cpuinfo").read_text())
+    mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    nats_version = subprocess.run([str(Path(sys.executable).parent / "nats-server"), "--version"],
+                                  capture_output=True, text=True).stdout.strip()
+    return (f"{cpu.group(1) if cpu else platform.processor()}, {os.cpu_count()} cores, {mem_kib / 2**20:.0f} GiB RAM, "
+            f"Linux {platform.release()}, PostgreSQL {PG_VERSION} (fsync off), {nats_version}")
+
+
+def report(results: dict) -> str:
+    crit = results.get("criterion", {})
+    lines = [
+        f"Machine: {results['machine']}. Scale {results['scale']}; {results['date']}.", "",
+        "| workload | events | decode-only ev/s | NATS-only ev/s | end to end ev/s | ratio | first event after s "
+        "| worker peak RSS MiB | CPU % worker / walsender / nats-server | decode+encode limit ev/s |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for w in results["workloads"]:
+        c = w["cpu_pct"]
+        core = crit.get("wide" if w["name"].startswith("wide") else "narrow")
+        limit = f"{1e9 / core['ns']:,.0f}" if core else "-"
+        lines.append(
+            f"| {w['name']} | {w['events']:,} | {w['decode_eps']:,.0f} | {w['nats_eps']:,.0f} | {w['e2e_eps']:,.0f} "
+            f"| {w['ratio']:.2f} | {w['first_event_s']:.1f} | {w['rss_mib']:.1f} "
+            f"| {c['worker']} / {c['walsender']} / {c['nats-server']} | {limit} |"
+        )
+    if "latency" in results:
+        lat = results["latency"]
+        lines += ["", f"Commit-to-subscriber latency at {lat['rate']} tx/s for {lat['seconds']} s ({lat['events']:,} events): "
+                  f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms."]
+    if "pgbench" in results:
+        pgb = results["pgbench"]
+        base = pgb["no worker"]
+        lines += ["", "| pgbench, single-row inserts, 4 clients | TPS | overhead vs no worker |", "|---|--:|--:|"]
+        for mode, tps in pgb.items():
+            overhead = "-" if mode == "no worker" else f"{100 * (1 - tps / base):.1f} %"
+            lines.append(f"| {mode} | {tps:,.0f} | {overhead} |")
+        lines += ["", f"After the streaming run the worker needed {results['pgbench_drain_s']:.1f} s more "
+                  "to publish and confirm the backlog."]
+    if crit:
+        lines += ["", "| Criterion decode + encode | columns | pgoutput B | JSON B | ns/event | allocations/event |",
+                  "|---|--:|--:|--:|--:|--:|"]
+        for name, c in crit.items():
+            lines.append(f"| {name} | {c['columns']} | {c['pgoutput_bytes']:,} | {c['json_bytes']:,} "
+                         f"| {c['ns']:,.0f} | {c['allocs']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if "pgbench" in results else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2, 4.5), squeeze=False)
+    ax = axes[0][0]
+    names = [w["name"] for w in results["workloads"]]
+    series = [("decode-only", "decode_eps"), ("NATS-only", "nats_eps"), ("end to end", "e2e_eps")]
+    width = 0.8 / len(series)
+    for i, (label, key) in enumerate(series):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        ax.bar(xs, [w[key] for w in results["workloads"]], width, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("events/s")
+    ax.set_title("Throughput per workload")
+    ax.legend()
+    if panels == 2:
+        ax = axes[0][1]
+        modes = list(results["pgbench"])
+        ax.bar(modes, [results["pgbench"][m] for m in modes], color=["C2", "C7", "C3"])
+        ax.set_ylabel("TPS")
+        ax.set_title("pgbench single-row inserts, 4 clients")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    bench = Bench()
+    try:
+        bench.workload("single-row txns", scaled(100_000), f"CALL bench_single_txns({scaled(100_000)})")
+        bench.workload("one big txn", scaled(1_000_000),
+                       f"INSERT INTO bench_bulk(n) SELECT generate_series(1, {scaled(1_000_000)})")
+        bench.workload("wide rows", scaled(100_000), f"CALL bench_wide_rows({scaled(100_000)}, 1000)")
+        bench.latency()
+        bench.pgbench()
+    finally:
+        bench.close()
+    results = bench.results
+    if RUN_CRITERION:
+        results["criterion"] = criterion()
+    results["machine"] = machine()
+    results["date"] = time.strftime("%Y-%m-%d")
+    text = report(results)
+    print(text)
+    (OUT / "results.md").write_text(text)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    chart(results, OUT / "results.png")
+
+
+if __name__ == "__main__":
+    main()
