@@ -196,8 +196,6 @@ pub async fn lookup_types(cfg: &SourceConfig, oids: &[u32]) -> Result<Vec<TypeRo
 /// How much WAL the slot holds back, against `max_slot_wal_keep_size`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotRetention {
-    /// `pg_replication_slots.wal_status`: reserved, extended, unreserved or lost.
-    pub wal_status: String,
     /// WAL from the slot's `restart_lsn` to the current position.
     pub retained_bytes: u64,
     /// `max_slot_wal_keep_size` in bytes; `None` when unlimited.
@@ -226,7 +224,7 @@ pub async fn check_slot(cfg: &SourceConfig, heartbeat: bool) -> Result<Option<Sl
         .await?;
     }
     let query = format!(
-        "SELECT wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
                 pg_size_bytes(current_setting('max_slot_wal_keep_size')) \
            FROM pg_replication_slots WHERE slot_name = {}",
         quote_literal(&cfg.slot)
@@ -236,9 +234,9 @@ pub async fn check_slot(cfg: &SourceConfig, heartbeat: bool) -> Result<Option<Sl
     };
     let number = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
     Ok(Some(SlotRetention {
-        wal_status: row.first().cloned().flatten().unwrap_or_default(),
-        retained_bytes: number(1).unwrap_or(0).max(0) as u64,
-        limit_bytes: number(2).filter(|&limit| limit >= 0).map(|limit| limit as u64),
+        // NULL once the slot is invalidated: nothing retained any more.
+        retained_bytes: number(0).unwrap_or(0).max(0) as u64,
+        limit_bytes: number(1).filter(|&limit| limit >= 0).map(|limit| limit as u64),
     }))
 }
 

@@ -107,11 +107,7 @@ mod tests {
     use super::*;
 
     fn retention(retained_mb: u64, limit_mb: Option<u64>) -> SlotRetention {
-        SlotRetention {
-            wal_status: "reserved".into(),
-            retained_bytes: retained_mb << 20,
-            limit_bytes: limit_mb.map(|l| l << 20),
-        }
+        SlotRetention { retained_bytes: retained_mb << 20, limit_bytes: limit_mb.map(|l| l << 20) }
     }
 
     #[test]
