@@ -1,22 +1,24 @@
 //! NATS-only limit for bench/bench.py: publishes recorded events to a
-//! JetStream stream the way the worker does (same context settings, up to
-//! 4096 PubAcks in flight awaited in publish order, `Nats-Msg-Id` = event id)
-//! and prints the seconds from the first publish to the last PubAck.
+//! JetStream stream with the worker's own publisher (core/src/publish.rs:
+//! `Nats-Msg-Id` = event id, PubAcks on one subscription, up to 4096 in
+//! flight) and prints the seconds from the first publish to the last PubAck.
 //!
 //! Usage: nats_baseline NATS_URL STREAM PAYLOAD_FILE
 //! PAYLOAD_FILE: per message, u32 (big-endian) subject length, subject,
 //! u32 body length, body. Creates STREAM (file storage, subjects STREAM.>).
 
-use std::collections::VecDeque;
-use std::future::IntoFuture;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::Subject;
 use bytes::Bytes;
+use wal_listener_core::config::PublishConfig;
+use wal_listener_core::publish::{InFlight, Publisher, Sent};
+use wal_listener_core::status::StatusBoard;
 
 const MAX_IN_FLIGHT: usize = 4096;
 
-fn read_payloads(path: &str) -> Vec<(String, Bytes)> {
+fn read_payloads(path: &str) -> Vec<(Subject, Bytes)> {
     let data = std::fs::read(path).expect("payload file readable");
     let mut messages = Vec::new();
     let mut at = 0;
@@ -26,16 +28,23 @@ fn read_payloads(path: &str) -> Vec<(String, Bytes)> {
         &data[*at - len..*at]
     };
     while at < data.len() {
-        let subject = String::from_utf8(field(&mut at).to_vec()).expect("UTF-8 subject");
+        let subject = Subject::from(std::str::from_utf8(field(&mut at)).expect("UTF-8 subject"));
         let body = Bytes::copy_from_slice(field(&mut at));
         messages.push((subject, body));
     }
     messages
 }
 
-/// The event id, `{"id":"<36 chars>"`: the worker's `Nats-Msg-Id`.
-fn event_id(body: &[u8]) -> &str {
-    std::str::from_utf8(&body[7..43]).expect("event starts with its id")
+/// The event id, `{"id":"<36 chars>"`: the worker's `Nats-Msg-Id`; copied
+/// to the stack, so the body can move into the publish.
+fn event_id(body: &[u8]) -> [u8; 36] {
+    body[7..43].try_into().expect("event starts with its id")
+}
+
+async fn await_ack(publisher: &mut Publisher, in_flight: &mut InFlight) {
+    let (sequence, stored) = publisher.next_ack().await.expect("PubAck");
+    stored.expect("stored by JetStream");
+    in_flight.acked(sequence);
 }
 
 #[tokio::main]
@@ -46,37 +55,40 @@ async fn main() {
         std::process::exit(2)
     };
     let messages = read_payloads(path);
-    let client = async_nats::connect(url.as_str()).await.expect("NATS reachable");
-    // As in core/src/publish.rs.
-    let js = jetstream::context::ContextBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .max_ack_inflight(MAX_IN_FLIGHT)
-        .backpressure_on_inflight(true)
-        .build(client);
-    js.get_or_create_stream(stream::Config {
-        name: stream_name.clone(),
-        subjects: vec![format!("{stream_name}.>")],
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .expect("stream created");
+    let config = PublishConfig {
+        nats_url: url.clone(),
+        topic: stream_name.clone(),
+        topic_prefix: String::new(),
+        create_stream: true,
+        max_in_flight: MAX_IN_FLIGHT,
+        auth: Default::default(),
+        tls: Default::default(),
+        oversize_policy: Default::default(),
+    };
+    let board = Arc::new(StatusBoard::new(Box::new(|| {})));
+    let mut publisher = Publisher::connect(&config, &board).await.expect("NATS reachable, stream created");
 
     let started = Instant::now();
-    let mut in_flight = VecDeque::with_capacity(MAX_IN_FLIGHT);
-    for (subject, body) in messages.iter() {
-        if in_flight.len() == MAX_IN_FLIGHT {
-            let ack: jetstream::context::PublishAckFuture = in_flight.pop_front().unwrap();
-            ack.into_future().await.expect("PubAck");
+    let mut in_flight = InFlight::new(0);
+    for (subject, body) in messages {
+        while in_flight.len() >= MAX_IN_FLIGHT {
+            await_ack(&mut publisher, &mut in_flight).await;
         }
-        let message =
-            jetstream::message::PublishMessage::build().payload(body.clone()).message_id(event_id(body));
-        in_flight.push_back(js.send_publish(subject.clone(), message).await.expect("published"));
+        let id = event_id(&body);
+        let id = std::str::from_utf8(&id).expect("ASCII id");
+        match publisher
+            .publish(subject.clone(), id, body, in_flight.next_sequence())
+            .await
+            .expect("published")
+        {
+            Sent::Published => in_flight.sent(subject, Instant::now()),
+            Sent::TooLarge(why) => panic!("event {id} too large: {why}"),
+        }
     }
-    for ack in in_flight {
-        ack.into_future().await.expect("PubAck");
+    while !in_flight.is_empty() {
+        await_ack(&mut publisher, &mut in_flight).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     println!("{elapsed:.6}");
-    eprintln!("{} messages in {elapsed:.3} s: {:.0} msg/s", messages.len(), messages.len() as f64 / elapsed);
+    eprintln!("{} messages in {elapsed:.3} s", in_flight.next_sequence());
 }

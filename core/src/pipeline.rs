@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::Subject;
 use bytes::Bytes;
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{watch, Notify};
 
@@ -19,11 +18,14 @@ use crate::event::{
 };
 use crate::filters::{Decision, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData, Value};
-use crate::publish::{AckFuture, Publisher, Sent};
+use crate::publish::{InFlight, Publisher, Sent, ACK_TIMEOUT};
 use crate::replication::{self, OpenError, Session};
 use crate::slot_watch;
 use crate::status::{LogLevel, State, StatusBoard};
 use crate::{Error, Lsn};
+
+/// How often the oldest unacked publish is checked against ACK_TIMEOUT.
+const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long to wait before checking again when streaming cannot start yet.
 const NOT_READY_RETRY: Duration = Duration::from_secs(2);
@@ -170,10 +172,9 @@ struct Streamer {
     pending_filters: Option<(i64, Filters)>,
     transaction: Option<Transaction>,
     /// PubAck futures in publish order.
-    in_flight: FuturesOrdered<AckFuture>,
-    published: u64,
-    acked: u64,
-    /// Received commits not yet confirmable: (events published up to it, end LSN).
+    /// Publishes awaiting their PubAck; sequences count every publish of the session.
+    in_flight: InFlight,
+    /// Received commits not yet confirmable: (sequence of the first publish after it, end LSN).
     commits: VecDeque<(u64, Lsn)>,
     confirmed: Lsn,
     /// Size of the last event, to allocate the next one once.
@@ -200,9 +201,7 @@ impl Streamer {
             filters: session.filters,
             pending_filters: None,
             transaction: None,
-            in_flight: FuturesOrdered::new(),
-            published: 0,
-            acked: 0,
+            in_flight: InFlight::new(0),
             commits: VecDeque::new(),
             confirmed: Lsn(0),
             last_event_len: 256,
@@ -213,10 +212,14 @@ impl Streamer {
 
     /// Streams until an error; it never ends otherwise.
     async fn run(&mut self) -> Error {
+        let mut ack_check = tokio::time::interval(ACK_CHECK_INTERVAL);
         loop {
             let step = tokio::select! {
                 biased;
-                Some(ack) = self.in_flight.next() => self.on_ack(ack),
+                ack = self.publisher.next_ack(), if !self.in_flight.is_empty() => {
+                    ack.and_then(|(sequence, stored)| self.on_ack(sequence, stored))
+                }
+                _ = ack_check.tick() => self.check_acks_in_time(),
                 received = self.client.recv(), if self.in_flight.len() < self.max_in_flight => {
                     match received {
                         Ok(Some(event)) => self.on_replication_event(event).await,
@@ -231,13 +234,20 @@ impl Streamer {
         }
     }
 
-    fn on_ack(&mut self, ack: Result<(), Error>) -> Result<(), Error> {
-        ack?;
-        self.acked += 1;
-        self.board.add_published(1);
+    fn on_ack(&mut self, sequence: u64, stored: Result<(), String>) -> Result<(), Error> {
+        if let Err(why) = stored {
+            let subject = self.in_flight.subject(sequence).map_or("?", |s| s.as_str());
+            return Err(Error::Nats(format!("publishing to {subject} failed: {why}")));
+        }
+        let newly_acked = self.in_flight.acked(sequence);
+        if newly_acked == 0 {
+            return Ok(());
+        }
+        self.board.add_published(newly_acked);
+        let acked_before = self.in_flight.next_unacked();
         let mut newest = None;
         while let Some(&(published_before, end_lsn)) = self.commits.front() {
-            if published_before > self.acked {
+            if published_before > acked_before {
                 break;
             }
             self.commits.pop_front();
@@ -247,6 +257,20 @@ impl Streamer {
             self.confirm(lsn);
         }
         Ok(())
+    }
+
+    /// A PubAck that takes longer than [`ACK_TIMEOUT`] fails the session:
+    /// the publish may be lost, and the replay from the slot resends it.
+    fn check_acks_in_time(&self) -> Result<(), Error> {
+        match self.in_flight.oldest() {
+            Some((sent, subject)) if sent.elapsed() > ACK_TIMEOUT => Err(Error::Nats(format!(
+                "publishing to {subject} failed: no PubAck within {} s ({} events await theirs; \
+                 NATS overloaded or JetStream unavailable)",
+                ACK_TIMEOUT.as_secs(),
+                self.in_flight.len()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Reports `lsn` as flushed; callers guarantee everything before it is acked.
@@ -307,10 +331,10 @@ impl Streamer {
             self.filters = filters;
             self.subjects.clear();
         }
-        if self.acked == self.published && self.commits.is_empty() {
+        if self.in_flight.is_empty() && self.commits.is_empty() {
             self.confirm(end_lsn);
         } else {
-            self.commits.push_back((self.published, end_lsn));
+            self.commits.push_back((self.in_flight.next_sequence(), end_lsn));
         }
         Ok(())
     }
@@ -373,12 +397,6 @@ impl Streamer {
         new: Option<&TupleData<'_>>,
         old: Option<&OldTuple<'_>>,
     ) -> Result<(), Error> {
-        // One change can publish several events (TRUNCATE): keep the cap exact.
-        while self.in_flight.len() >= self.max_in_flight {
-            if let Some(ack) = self.in_flight.next().await {
-                self.on_ack(ack)?;
-            }
-        }
         let transaction = self.transaction.as_mut().ok_or_else(|| {
             Error::Replication(format!("protocol: {} outside a transaction", action.as_str()))
         })?;
@@ -428,11 +446,9 @@ impl Streamer {
             })
             .clone();
 
-        match self.publisher.publish(subject, id, Bytes::from(body)).await? {
-            Sent::Pending(ack) => {
-                self.in_flight.push_back(ack);
-                self.published += 1;
-            }
+        let sequence = self.in_flight.next_sequence();
+        match self.publisher.publish(subject.clone(), id, Bytes::from(body), sequence).await? {
+            Sent::Published => self.in_flight.sent(subject, Instant::now()),
             Sent::TooLarge(why) => {
                 let what = format!(
                     "event {id} for {} in the transaction committed at {}",

@@ -1,28 +1,41 @@
 //! Publishing events to NATS JetStream: connect, make sure the stream
-//! exists, publish with `Nats-Msg-Id` and hand back the PubAck future.
+//! exists, publish with `Nats-Msg-Id`, and collect the PubAcks.
+//!
+//! PubAcks come back on one wildcard subscription (`<inbox>.<sequence>`)
+//! instead of async-nats' request/reply per message, which would cost a
+//! oneshot channel, a multiplexer entry, a timer and a boxed future for
+//! every event. [`InFlight`] tracks what is still unacked.
 
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
-use async_nats::Subject;
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, StatusCode, Subject, Subscriber};
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 use crate::config::PublishConfig;
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;
 
-/// Resolves when JetStream has stored (or deduplicated) one message.
-pub type AckFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
-
 /// How long to wait for a connection, and for one PubAck.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Publisher {
-    js: jetstream::Context,
+    client: async_nats::Client,
+    /// PubAcks, on `<reply_prefix><sequence>`.
+    acks: Subscriber,
+    reply_prefix: String,
+}
+
+/// What became of one publish.
+pub enum Sent {
+    /// On its way; its PubAck will carry the sequence given to `publish`.
+    Published,
+    /// Larger than the server's `max_payload`; says by how much. Nothing was sent.
+    TooLarge(String),
 }
 
 impl Publisher {
@@ -47,34 +60,147 @@ impl Publisher {
             .await
             .map_err(|e| connect_error(cfg, e))?;
         board.set_nats_connected(true);
-        let js = jetstream::context::ContextBuilder::new()
-            .timeout(ACK_TIMEOUT)
-            .max_ack_inflight(cfg.max_in_flight.max(1))
-            .backpressure_on_inflight(true)
-            .build(client);
+        let js = jetstream::context::ContextBuilder::new().timeout(ACK_TIMEOUT).build(client.clone());
         ensure_stream(&js, cfg, board).await?;
-        Ok(Publisher { js })
+        let reply_prefix = format!("{}.", client.new_inbox());
+        let acks = client
+            .subscribe(format!("{reply_prefix}*"))
+            .await
+            .map_err(|e| Error::Nats(format!("subscribing to PubAcks: {e}")))?;
+        Ok(Publisher { client, acks, reply_prefix })
     }
 
-    /// Sends one event; the returned future resolves with its PubAck.
-    pub async fn publish(&self, subject: Subject, message_id: &str, payload: Bytes) -> Result<Sent, Error> {
-        let message = jetstream::message::PublishMessage::build().payload(payload).message_id(message_id);
-        match self.js.send_publish(subject.clone(), message).await {
-            Ok(ack) => Ok(Sent::Pending(Box::pin(async move {
-                ack.into_future().await.map(drop).map_err(|e| publish_error(&subject, e))
-            }))),
-            // Checked before sending: nothing went out.
-            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => Ok(Sent::TooLarge(e.to_string())),
-            Err(e) => Err(publish_error(&subject, e)),
+    /// Sends one event; its PubAck arrives through [`next_ack`](Self::next_ack)
+    /// with `sequence`, which the caller chooses (one per publish).
+    pub async fn publish(
+        &self,
+        subject: Subject,
+        message_id: &str,
+        payload: Bytes,
+        sequence: u64,
+    ) -> Result<Sent, Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
+        let reply = Subject::from(format!("{}{sequence}", self.reply_prefix));
+        match self.client.publish_with_reply_and_headers(subject.clone(), reply, headers, payload).await {
+            Ok(()) => Ok(Sent::Published),
+            Err(e) if e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                Ok(Sent::TooLarge(e.to_string()))
+            }
+            Err(e) => Err(Error::Nats(format!("publishing to {subject} failed: {e}"))),
         }
+    }
+
+    /// Waits for the next PubAck: the sequence it answers, and whether
+    /// JetStream stored the event (else why not). Cancellation-safe.
+    pub async fn next_ack(&mut self) -> Result<(u64, Result<(), String>), Error> {
+        let message =
+            self.acks.next().await.ok_or_else(|| Error::Nats("PubAck subscription closed".into()))?;
+        let sequence = message
+            .subject
+            .strip_prefix(self.reply_prefix.as_str())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::Nats(format!("PubAck on unexpected subject {}", message.subject)))?;
+        Ok((sequence, check_pub_ack(message.status, &message.payload)))
     }
 }
 
-/// What became of one publish.
-pub enum Sent {
-    Pending(AckFuture),
-    /// Larger than the server's `max_payload`; says by how much.
-    TooLarge(String),
+/// Whether a PubAck says the message is stored (or was a duplicate). Only
+/// a failure is parsed: a success is `{"stream":…,"seq":…}`.
+fn check_pub_ack(status: Option<StatusCode>, payload: &[u8]) -> Result<(), String> {
+    if status == Some(StatusCode::NO_RESPONDERS) {
+        return Err("no JetStream stream stores its subject: create one or set \
+                    wal_listener.create_stream = on"
+            .into());
+    }
+    if let Some(status) = status.filter(|s| !s.is_success()) {
+        return Err(format!("NATS status {status}"));
+    }
+    if !payload.windows(8).any(|w| w == b"\"error\":") {
+        return Ok(());
+    }
+    match serde_json::from_slice::<serde_json::Value>(payload) {
+        Ok(answer) => {
+            let error = &answer["error"];
+            Err(format!("JetStream error {}: {}", error["code"], error["description"].as_str().unwrap_or("")))
+        }
+        Err(_) => Err(format!("JetStream answered {:?}", String::from_utf8_lossy(payload))),
+    }
+}
+
+/// Publishes awaiting their PubAck, by sequence; the oldest decides
+/// whether the acks are late. Acks may arrive out of order (streams differ).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// Sequence of `pending[0]`; everything before it is acked.
+    first: u64,
+    /// Each publish: when it was sent, its subject, whether it is acked.
+    pending: VecDeque<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    sent: Instant,
+    subject: Subject,
+    acked: bool,
+}
+
+impl InFlight {
+    /// Starts counting at `first`: the sequence of the next publish.
+    pub fn new(first: u64) -> Self {
+        InFlight { first, pending: VecDeque::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The oldest sequence not acked yet: every publish before it is.
+    pub fn next_unacked(&self) -> u64 {
+        self.first
+    }
+
+    /// The sequence the next publish gets.
+    pub fn next_sequence(&self) -> u64 {
+        self.first + self.pending.len() as u64
+    }
+
+    pub fn sent(&mut self, subject: Subject, now: Instant) {
+        self.pending.push_back(Pending { sent: now, subject, acked: false });
+    }
+
+    /// Subject of an unacked publish.
+    pub fn subject(&self, sequence: u64) -> Option<&Subject> {
+        let index = sequence.checked_sub(self.first)?;
+        self.pending.get(usize::try_from(index).ok()?).map(|p| &p.subject)
+    }
+
+    /// Records the ack of `sequence`; returns how many publishes, counted
+    /// from the oldest, are now acked without a gap (0 when this ack fills
+    /// no gap at the front). Unknown and repeated sequences change nothing.
+    pub fn acked(&mut self, sequence: u64) -> u64 {
+        let Some(index) = sequence.checked_sub(self.first) else { return 0 };
+        match self.pending.get_mut(index as usize) {
+            Some(pending) => pending.acked = true,
+            None => return 0,
+        }
+        let mut done = 0;
+        while self.pending.front().is_some_and(|pending| pending.acked) {
+            self.pending.pop_front();
+            done += 1;
+        }
+        self.first += done;
+        done
+    }
+
+    /// When the oldest unacked publish was sent, and its subject.
+    pub fn oldest(&self) -> Option<(Instant, &Subject)> {
+        self.pending.front().map(|pending| (pending.sent, &pending.subject))
+    }
 }
 
 /// Authentication and TLS from the config; reads the key files now.
@@ -144,17 +270,6 @@ fn connect_error(cfg: &PublishConfig, e: async_nats::ConnectError) -> Error {
     Error::Nats(format!("cannot connect to {}: {text}{hint}", cfg.nats_url))
 }
 
-fn publish_error(subject: &str, e: jetstream::context::PublishError) -> Error {
-    let hint = match e.kind() {
-        PublishErrorKind::StreamNotFound => {
-            "; no JetStream stream stores this subject: create one or set wal_listener.create_stream = on"
-        }
-        PublishErrorKind::TimedOut => "; no PubAck in time (NATS overloaded or JetStream unavailable)",
-        _ => "",
-    };
-    Error::Nats(format!("publishing to {subject} failed: {e}{hint}"))
-}
-
 async fn ensure_stream(
     js: &jetstream::Context,
     cfg: &PublishConfig,
@@ -205,4 +320,42 @@ async fn ensure_stream(
 fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
     matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
         if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_counts_acks_without_gaps_from_the_oldest() {
+        let now = Instant::now();
+        let mut in_flight = InFlight::new(10);
+        for table in ["a", "b", "c", "d"] {
+            in_flight.sent(Subject::from(format!("wal_listener.public_{table}")), now);
+        }
+        assert_eq!(in_flight.subject(11).map(|s| s.as_str()), Some("wal_listener.public_b"));
+        assert_eq!(in_flight.next_sequence(), 14);
+        assert_eq!(in_flight.acked(11), 0, "10 is still missing");
+        assert_eq!(in_flight.acked(11), 0, "repeats change nothing");
+        assert_eq!(in_flight.acked(10), 2);
+        assert_eq!(in_flight.acked(9), 0, "already counted");
+        assert_eq!(in_flight.acked(99), 0, "never sent");
+        assert_eq!((in_flight.len(), in_flight.next_sequence()), (2, 14));
+        assert_eq!(in_flight.acked(13), 0);
+        assert_eq!(in_flight.acked(12), 2);
+        assert!(in_flight.is_empty() && in_flight.oldest().is_none());
+    }
+
+    #[test]
+    fn pub_acks_succeed_unless_they_carry_an_error() {
+        assert_eq!(check_pub_ack(None, br#"{"stream":"wal_listener","seq":7}"#), Ok(()));
+        assert_eq!(check_pub_ack(None, br#"{"stream":"wal_listener","seq":7,"duplicate":true}"#), Ok(()));
+        let failure = br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#;
+        assert_eq!(
+            check_pub_ack(None, failure),
+            Err("JetStream error 503: maximum messages exceeded".into())
+        );
+        let no_stream = check_pub_ack(Some(StatusCode::NO_RESPONDERS), b"").unwrap_err();
+        assert!(no_stream.contains("no JetStream stream"), "{no_stream}");
+    }
 }

@@ -36,6 +36,35 @@ fn write_control(out: &mut Vec<u8>, b: u8) {
     out.push(HEX[usize::from(b & 0xf)]);
 }
 
+/// Appends `n` in decimal, zero-padded to at least `width` digits, without
+/// the allocation of `to_string`/`format!` (several per event otherwise).
+pub fn write_decimal(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    while n > 0 || digits.len() - start < width.max(1) {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// Appends `n` in upper-case hex, as Postgres prints LSN halves.
+pub fn write_upper_hex(out: &mut Vec<u8>, mut n: u32) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut digits = [0u8; 8];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = HEX[(n & 0xf) as usize];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
 /// Appends `"key":`.
 pub fn write_key(out: &mut Vec<u8>, key: &str) {
     write_str(out, key);
@@ -50,6 +79,21 @@ mod tests {
         let mut out = Vec::new();
         write_str(&mut out, s);
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn numbers_match_the_formatting_macros() {
+        for (n, width) in [(0u64, 0), (0, 2), (7, 2), (42, 2), (123456, 6), (5, 6), (u64::MAX, 0), (2026, 4)]
+        {
+            let mut out = Vec::new();
+            write_decimal(&mut out, n, width);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{n:0width$}"));
+        }
+        for n in [0u32, 0xA8, 0x1_0000, u32::MAX] {
+            let mut out = Vec::new();
+            write_upper_hex(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{n:X}"));
+        }
     }
 
     #[test]

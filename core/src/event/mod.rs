@@ -162,11 +162,13 @@ pub fn encode_event(
     out.extend_from_slice(b"\",\"primaryKey\":");
     write_names(out, relation.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()));
     out.extend_from_slice(b",\"lsn\":\"");
-    out.extend_from_slice(position.commit_lsn.to_string().as_bytes());
+    json::write_upper_hex(out, (position.commit_lsn.0 >> 32) as u32);
+    out.push(b'/');
+    json::write_upper_hex(out, position.commit_lsn.0 as u32);
     out.extend_from_slice(b"\",\"xid\":");
-    out.extend_from_slice(position.xid.to_string().as_bytes());
+    json::write_decimal(out, u64::from(position.xid), 0);
     out.extend_from_slice(b",\"ordinal\":");
-    out.extend_from_slice(position.ordinal.to_string().as_bytes());
+    json::write_decimal(out, u64::from(position.ordinal), 0);
     if !unchanged_toast.is_empty() {
         out.extend_from_slice(b",\"unchangedToast\":");
         write_names(out, unchanged_toast.into_iter());

@@ -1,5 +1,7 @@
 //! Postgres timestamps (microseconds since 2000-01-01 UTC) as RFC 3339.
 
+use super::json;
+
 /// Seconds from 1970-01-01 to 2000-01-01.
 const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
 
@@ -16,9 +18,30 @@ pub fn write_rfc3339_utc(out: &mut Vec<u8>, pg: i64) {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let text =
-        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, sod % 3600 / 60, sod % 60);
-    out.extend_from_slice(text.as_bytes());
+    if !(0..=9999).contains(&y) {
+        // Out of RFC 3339's range; Postgres' own limits stop short of it anyway.
+        let text = format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+            sod / 3600,
+            sod % 3600 / 60,
+            sod % 60
+        );
+        out.extend_from_slice(text.as_bytes());
+        return;
+    }
+    let fields: [(u64, usize, u8); 7] = [
+        (y as u64, 4, b'-'),
+        (u64::from(m), 2, b'-'),
+        (u64::from(d), 2, b'T'),
+        ((sod / 3600) as u64, 2, b':'),
+        ((sod % 3600 / 60) as u64, 2, b':'),
+        ((sod % 60) as u64, 2, b'.'),
+        (micros as u64, 6, b'Z'),
+    ];
+    for (value, width, separator) in fields {
+        json::write_decimal(out, value, width);
+        out.push(separator);
+    }
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
