@@ -6,7 +6,16 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = 0;
+    while i < bytes.len() {
+        // Long texts are mostly plain: skip eight bytes at a time.
+        if let Some(word) = bytes.get(i..i + 8) {
+            if !needs_escape(u64::from_le_bytes(word.try_into().unwrap_or_default())) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
         let escape: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -16,17 +25,33 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
             0x00..=0x1f => {
                 out.extend_from_slice(&bytes[start..i]);
                 write_control(out, b);
-                start = i + 1;
+                i += 1;
+                start = i;
                 continue;
             }
-            _ => continue,
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.extend_from_slice(&bytes[start..i]);
         out.extend_from_slice(escape);
-        start = i + 1;
+        i += 1;
+        start = i;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Whether any of the eight bytes is a control character, `"` or `\\`
+/// (exact: the "has less than" and "has zero" bit tricks for bytes).
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES * 0x80;
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    (below_space | has_zero(word ^ (ONES * u64::from(b'"'))) | has_zero(word ^ (ONES * u64::from(b'\\'))))
+        != 0
 }
 
 fn write_control(out: &mut Vec<u8>, b: u8) {
@@ -79,6 +104,30 @@ mod tests {
         let mut out = Vec::new();
         write_str(&mut out, s);
         String::from_utf8(out).unwrap()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_round_trips(s in "(?s).{0,40}", plain in "[a-z]{0,20}") {
+            // Around a long plain run, so that both the word and the byte paths run.
+            let text = format!("{plain}{s}{plain}{s}");
+            let json = quoted(&text);
+            proptest::prop_assert_eq!(serde_json::from_str::<String>(&json).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn needs_escape_finds_every_special_byte_in_any_position() {
+        for special in (0u8..0x20).chain([b'"', b'\\']) {
+            for position in 0..8 {
+                let mut word = *b"abcdefgh";
+                word[position] = special;
+                assert!(needs_escape(u64::from_le_bytes(word)), "{special:#x} at {position}");
+            }
+        }
+        for plain in (0x20u8..=0xff).filter(|b| *b != b'"' && *b != b'\\') {
+            assert!(!needs_escape(u64::from_le_bytes([plain; 8])), "{plain:#x}");
+        }
     }
 
     #[test]
