@@ -45,6 +45,8 @@ impl Publisher {
         let client = connect_options(cfg)
             .await?
             .connection_timeout(CONNECT_TIMEOUT)
+            // Room for every PubAck in flight: a full buffer drops messages.
+            .subscription_capacity(cfg.max_in_flight.max(1024))
             .name("wal_listener")
             .event_callback(move |event| {
                 let board = events_board.clone();
