@@ -264,7 +264,7 @@ impl Streamer {
     fn check_acks_in_time(&self) -> Result<(), Error> {
         match self.in_flight.oldest() {
             Some((sent, subject)) if sent.elapsed() > ACK_TIMEOUT => Err(Error::Nats(format!(
-                "publishing to {subject} failed: no PubAck within {} s ({} events await theirs; \
+                "publishing to {subject} failed: no PubAck within {} s ({} publishes unacked; \
                  NATS overloaded or JetStream unavailable)",
                 ACK_TIMEOUT.as_secs(),
                 self.in_flight.len()
