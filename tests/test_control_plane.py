@@ -1,8 +1,6 @@
 """Filters, per-table subjects, status() and restart() against the live
 pipeline."""
 
-import time
-
 from harness import read_stream, wait_for_count, wait_until
 
 

@@ -2,11 +2,8 @@
 heartbeats, quiet databases, the retention warning, and slots that were
 dropped or invalidated."""
 
-import asyncio
-import signal
 import time
 
-import nats
 import pytest
 
 from harness import stream_count, wait_for_count, wait_until
