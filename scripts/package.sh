@@ -10,6 +10,13 @@ version="${1:?usage: scripts/package.sh 15|18 [pg_config] [out_dir]}"
 pg_config="${2:-$(pg_config_for "$version")}"
 out="$(realpath -m "${3:-target/package/pg$version}")"
 echo "== package wal_listener for PostgreSQL $version into $out"
+# Independent of `cargo pgrx init`, which the Docker build never runs: pgrx
+# takes the server from PGRX_PG_CONFIG_PATH, and an empty PGRX_HOME shows
+# that nothing else comes from an init'ed one.
+export PGRX_PG_CONFIG_PATH="$pg_config"
+PGRX_HOME="$(mktemp -d)"
+export PGRX_HOME
+trap 'rm -rf "$PGRX_HOME"' EXIT
 rm -rf "$out"
 (cd extension && cargo pgrx package --pg-config "$pg_config" --out-dir "$out" \
     --no-default-features --features "pg$version" 2>&1 | grep -E "error|warning: unused|Finished" || true)
