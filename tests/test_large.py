@@ -18,19 +18,31 @@ def check_all_arrived_once(nats_server, expected: int):
     assert min(numbers) == 1 and max(numbers) == expected, "lost events"
 
 
-def test_one_transaction_of_a_million_rows(streaming, nats_server):
-    streaming.execute("CREATE TABLE big (n int)")
-    memory = PeakMemory(streaming.worker_pid())
+def load_and_watch_memory(
+    cluster, nats_server, load_sql: str, events: int, timeout: float
+) -> tuple[float, float, float]:
+    """Runs `load_sql` while sampling the worker's memory; checks that all
+    `events` arrive once, within `timeout`. Returns (seconds to commit,
+    seconds from the start to the last event stored, peak RSS in MiB)."""
+    memory = PeakMemory(cluster.worker_pid())
     started = time.monotonic()
-    streaming.execute("INSERT INTO big SELECT generate_series(1, 1000000)")
+    cluster.execute(load_sql)
     committed = time.monotonic()
-    wait_until(lambda: stream_count(nats_server.url) >= 1_000_000, 600, "a million events", 0.5)
+    wait_until(lambda: stream_count(nats_server.url) >= events, timeout, f"{events} events", 0.5)
     stored = time.monotonic()
     peak = memory.stop()
-    check_all_arrived_once(nats_server, 1_000_000)
+    check_all_arrived_once(nats_server, events)
+    return committed - started, stored - started, peak
+
+
+def test_one_transaction_of_a_million_rows(streaming, nats_server):
+    streaming.execute("CREATE TABLE big (n int)")
+    commit, stored, peak = load_and_watch_memory(
+        streaming, nats_server, "INSERT INTO big SELECT generate_series(1, 1000000)", 1_000_000, 600
+    )
     print(
-        f"\n1,000,000-row transaction: commit {committed - started:.1f} s, last event stored "
-        f"{stored - committed:.1f} s after commit; worker peak anonymous RSS {peak:.1f} MiB"
+        f"\n1,000,000-row transaction: commit {commit:.1f} s, last event stored "
+        f"{stored - commit:.1f} s after commit; worker peak anonymous RSS {peak:.1f} MiB"
     )
     assert peak <= MEMORY_LIMIT_MIB
 
@@ -46,17 +58,10 @@ def test_200k_transactions_of_10_rows(streaming, nats_server):
                END LOOP;
            END $$"""
     )
-    memory = PeakMemory(streaming.worker_pid())
-    started = time.monotonic()
-    streaming.execute("CALL load(200000)")
-    committed = time.monotonic()
-    wait_until(lambda: stream_count(nats_server.url) >= 2_000_000, 900, "two million events", 0.5)
-    stored = time.monotonic()
-    peak = memory.stop()
-    check_all_arrived_once(nats_server, 2_000_000)
+    commits, stored, peak = load_and_watch_memory(streaming, nats_server, "CALL load(200000)", 2_000_000, 900)
     print(
-        f"\n200,000 transactions x 10 rows: commits took {committed - started:.1f} s, last event stored "
-        f"{stored - started:.1f} s after the first commit; worker peak anonymous RSS {peak:.1f} MiB"
+        f"\n200,000 transactions x 10 rows: commits took {commits:.1f} s, last event stored "
+        f"{stored:.1f} s after the first commit; worker peak anonymous RSS {peak:.1f} MiB"
     )
     assert peak <= MEMORY_LIMIT_MIB
 

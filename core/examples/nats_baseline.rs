@@ -76,11 +76,7 @@ async fn main() {
         }
         let id = event_id(&body);
         let id = std::str::from_utf8(&id).expect("ASCII id");
-        match publisher
-            .publish(subject.clone(), id, body, in_flight.next_sequence())
-            .await
-            .expect("published")
-        {
+        match publisher.publish(&subject, id, body, in_flight.next_sequence()).await.expect("published") {
             Sent::Published => in_flight.sent(subject, Instant::now()),
             Sent::TooLarge(why) => panic!("event {id} too large: {why}"),
         }

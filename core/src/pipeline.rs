@@ -171,7 +171,6 @@ struct Streamer {
     /// A filter version met in the current transaction, in force from its commit.
     pending_filters: Option<(i64, Filters)>,
     transaction: Option<Transaction>,
-    /// PubAck futures in publish order.
     /// Publishes awaiting their PubAck; sequences count every publish of the session.
     in_flight: InFlight,
     /// Received commits not yet confirmable: (sequence of the first publish after it, end LSN).
@@ -447,7 +446,7 @@ impl Streamer {
             .clone();
 
         let sequence = self.in_flight.next_sequence();
-        match self.publisher.publish(subject.clone(), id, Bytes::from(body), sequence).await? {
+        match self.publisher.publish(&subject, id, Bytes::from(body), sequence).await? {
             Sent::Published => self.in_flight.sent(subject, Instant::now()),
             Sent::TooLarge(why) => {
                 let what = format!(

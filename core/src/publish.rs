@@ -76,7 +76,7 @@ impl Publisher {
     /// with `sequence`, which the caller chooses (one per publish).
     pub async fn publish(
         &self,
-        subject: Subject,
+        subject: &Subject,
         message_id: &str,
         payload: Bytes,
         sequence: u64,
