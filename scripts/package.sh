@@ -3,6 +3,8 @@
 # version: the files `make install` would add to that server, as a tree to
 # copy onto / (cargo pgrx package). scripts/install.sh and Dockerfile.pg
 # both install from it, so every test run proves what the image ships.
+# WAL_LISTENER_FEATURES adds cargo features: the tests' build adds
+# fault-injection (the hidden wal_listener.inject_fault), the image none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -19,7 +21,7 @@ export PGRX_HOME
 trap 'rm -rf "$PGRX_HOME"' EXIT
 rm -rf "$out"
 (cd extension && cargo pgrx package --pg-config "$pg_config" --out-dir "$out" \
-    --no-default-features --features "pg$version" 2>&1 | grep -E "error|warning: unused|Finished" || true)
+    --no-default-features --features "pg$version ${WAL_LISTENER_FEATURES:-}" 2>&1 | grep -E "error|warning: unused|Finished" || true)
 for file in "$("$pg_config" --pkglibdir)/wal_listener.so" \
     "$("$pg_config" --sharedir)/extension/wal_listener.control"; do
     test -f "$out$file" || { echo "package is missing $file" >&2; exit 1; }

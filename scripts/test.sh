@@ -11,7 +11,9 @@ echo "== lint Dockerfile.pg"
 "$WL_VENV/bin/hadolint" Dockerfile.pg
 
 echo "== unit tests (core crate)"
-cargo test --quiet -p wal_listener_core
+cargo test --quiet -p wal_listener_core --features fault-injection
+# The image's build has no fault points: it must compile on its own.
+cargo check --quiet -p wal_listener --no-default-features --features pg15
 # The core on its own, run by tests/test_core_standalone.py.
 cargo build --quiet --release -p wal_listener_core --example standalone
 

@@ -172,3 +172,17 @@ def mutual_tls(directory: Path) -> Secured:
 
 
 MODES = {"user_password": user_password, "token": token, "nkey": nkey, "jwt": jwt_creds, "tls": mutual_tls}
+
+
+def v1_client_certificate(directory: Path) -> tuple[Path, Path]:
+    """A client certificate made the common way, `openssl x509 -req` with no
+    extensions file, signed by the CA of `mutual_tls(directory)`: X.509 v1."""
+    key, csr, cert = directory / "v1-key.pem", directory / "v1.csr", directory / "v1.pem"
+    subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(csr), "-subj", "/CN=v1-client"], check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(directory / "ca.pem"),
+                    "-CAkey", str(directory / "ca-key.pem"), "-CAcreateserial", "-days", "2", "-out", str(cert)],
+                   check=True, capture_output=True)  # fmt: skip
+    key.chmod(0o644)
+    cert.chmod(0o644)
+    return cert, key

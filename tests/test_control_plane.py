@@ -1,7 +1,14 @@
 """Filters, per-table subjects, status() and restart() against the live
 pipeline."""
 
-from harness import read_stream, wait_for_count, wait_until
+import asyncio
+import subprocess
+import threading
+
+import nats
+import psycopg
+
+from harness import Nats, _as_postgres_user, read_stream, wait_for_count, wait_until
 
 
 def ids_and_actions(events):
@@ -46,8 +53,8 @@ def test_filters_in_force_survive_a_restart_of_the_worker(streaming, nats_server
     streaming.execute("INSERT INTO a VALUES (2); INSERT INTO b VALUES (2)")
     assert wait_for_count(nats_server.url, 2) == 2
     assert ids_and_actions(read_stream(nats_server.url)) == [("a", "INSERT", 1), ("a", "INSERT", 2)]
-    commit_lsns = streaming.execute("SELECT commit_lsn IS NOT NULL AS recorded FROM wal_listener.config_changes")
-    assert commit_lsns == [{"recorded": True}]
+    applied = streaming.execute("SELECT version, commit_lsn IS NOT NULL AS recorded FROM wal_listener.applied_versions")
+    assert applied == [{"version": 1, "recorded": True}]
 
 
 def test_per_table_subject_replaces_the_default(streaming, nats_server):
@@ -88,3 +95,211 @@ def test_restart_reconnects_and_resumes_from_the_slot(streaming, nats_server):
     assert streaming.status()["pid"] == pid  # the same process reconnected
     streaming.execute("INSERT INTO t VALUES (1)")
     assert wait_for_count(nats_server.url, 1) == 1
+
+
+def sync_standby_star(cluster):
+    """Makes every commit wait for a synchronous standby: with '*', the
+    worker's own walsender qualifies (the common one-standby setting)."""
+    cluster.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+    cluster.execute("SELECT pg_reload_conf()")
+    wait_until(
+        lambda: cluster.execute(
+            "SELECT 1 FROM pg_stat_replication WHERE application_name = 'wal_listener' AND sync_state = 'sync'"
+        ),
+        30,
+        "the worker's walsender to be the synchronous standby",
+    )
+
+
+def execute_bounded(cluster, sql: str, seconds: int = 30):
+    """Runs `sql` with a statement_timeout, so that a commit stuck waiting for
+    the synchronous standby fails the test instead of hanging it."""
+    with psycopg.connect(
+        host=str(cluster.dir), port=cluster.port, user="postgres", dbname="app", autocommit=True,
+        options=f"-c statement_timeout={seconds}s",
+    ) as conn:
+        notices = []
+        conn.add_notice_handler(lambda n: notices.append(n.message_primary))
+        conn.execute(sql)
+        assert not any("synchronous replication" in n for n in notices), notices
+
+
+def test_filter_change_survives_restart_and_retry_with_synchronous_standby_star(streaming, nats_server):
+    streaming.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    sync_standby_star(streaming)
+    warnings = wait_until(lambda: streaming.status()["warnings"], 10, "a warning about synchronous_standby_names")
+    assert any("synchronous_standby_names" in w for w in warnings), warnings
+
+    execute_bounded(streaming, "SELECT wal_listener.add_filter('t', subject => 'wal_listener.renamed')")
+    execute_bounded(streaming, "INSERT INTO t VALUES (1)")
+    assert wait_for_count(nats_server.url, 1) == 1
+
+    assert streaming.execute("SELECT wal_listener.restart() AS asked") == [{"asked": True}]
+    wait_until(lambda: "restart requested; reconnecting" in streaming.log(), 10, "the restart")
+    streaming.wait_for_state("streaming", timeout=30)
+    execute_bounded(streaming, "INSERT INTO t VALUES (2)")
+    assert wait_for_count(nats_server.url, 2) == 2
+
+    # A publish failure and a retry: the commit waits for the worker, which
+    # waits for NATS.
+    nats_server.stop()
+    waiting_insert = threading.Thread(target=execute_bounded, args=(streaming, "INSERT INTO t VALUES (3)", 120))
+    waiting_insert.start()
+    streaming.wait_for_state("backoff", timeout=60)
+    nats_server.start()
+    waiting_insert.join(timeout=150)
+    execute_bounded(streaming, "INSERT INTO t VALUES (4)")
+
+    assert wait_for_count(nats_server.url, 4) == 4
+    events = read_stream(nats_server.url)
+    assert sorted(e.body["data"]["id"] for e in events) == [1, 2, 3, 4]
+    assert {e.subject for e in events} == {"wal_listener.renamed"}
+
+
+def test_a_lock_on_the_table_the_worker_records_in_gives_backoff_naming_it_then_recovers(streaming, nats_server):
+    streaming.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    locker = streaming.connect()
+    locker.autocommit = False
+    # The worker meets the filter change only after NATS is back, when the
+    # table it records applied versions in is locked.
+    nats_server.stop()
+    streaming.execute("INSERT INTO t VALUES (1)")
+    streaming.wait_for_state("backoff", timeout=60)
+    streaming.execute("SELECT wal_listener.add_filter('t', subject => 'wal_listener.renamed')")
+    locker.execute("LOCK TABLE wal_listener.applied_versions IN SHARE MODE")
+    nats_server.start()
+    status = wait_until(
+        lambda: (s := streaming.status())["state"] == "backoff" and "wal_listener.applied_versions" in (s["last_error"] or "")
+        and "lock" in s["last_error"] and s,
+        90,
+        "backoff naming the lock on applied_versions",
+    )
+    print(f"\napplied_versions locked: {status['last_error']}")
+    assert wait_for_count(nats_server.url, 1) == 1  # the row before the filter change
+    locker.rollback()
+    locker.close()
+    streaming.wait_for_state("streaming", timeout=60)
+    streaming.execute("INSERT INTO t VALUES (2)")
+    assert wait_for_count(nats_server.url, 2) == 2
+    assert [e.subject for e in read_stream(nats_server.url)] == ["wal_listener.public_t", "wal_listener.renamed"]
+
+
+def test_a_lock_on_the_config_tables_stalls_nothing(streaming, nats_server):
+    """The worker reads filter changes from the stream, never from the
+    config tables, so a session that locks them blocks only writers of filters."""
+    streaming.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    streaming.execute("SELECT wal_listener.add_filter('t', subject => 'wal_listener.renamed')")
+    locker = streaming.connect()
+    locker.autocommit = False
+    locker.execute("LOCK TABLE wal_listener.config_changes, wal_listener.filter_rules IN ACCESS EXCLUSIVE MODE")
+    try:
+        streaming.execute("SELECT wal_listener.restart()")  # the next session starts while they are locked
+        wait_until(lambda: "restart requested; reconnecting" in streaming.log(), 10, "the restart")
+        streaming.wait_for_state("streaming", timeout=60)
+        streaming.execute("INSERT INTO t VALUES (1)")
+        assert wait_for_count(nats_server.url, 1) == 1
+        assert read_stream(nats_server.url)[0].subject == "wal_listener.renamed"
+    finally:
+        locker.close()
+
+
+def test_a_user_replaced_publication_decides_what_is_published(streaming, nats_server):
+    """Fewer tables, a row filter and a column list: events follow the
+    publication, and filters still work (they reach the worker as messages)."""
+    streaming.execute("CREATE TABLE a (id int PRIMARY KEY, secret text, amount int); CREATE TABLE b (id int PRIMARY KEY)")
+    with streaming.connect() as conn, conn.transaction():
+        # One transaction: at every WAL position a publication of that name exists.
+        conn.execute("DROP PUBLICATION wal_listener")
+        conn.execute("CREATE PUBLICATION wal_listener FOR TABLE a (id, amount) WHERE (amount > 10) WITH (publish = 'insert')")
+    streaming.execute("INSERT INTO a VALUES (1, 's', 5), (2, 's', 50); INSERT INTO b VALUES (1)")
+    streaming.execute("SELECT wal_listener.add_filter('a', subject => 'wal_listener.big')")
+    streaming.execute("INSERT INTO a VALUES (3, 's', 60), (4, 's', 1)")
+    assert wait_for_count(nats_server.url, 2) == 2
+    events = read_stream(nats_server.url)
+    assert [(e.subject, e.body["data"]) for e in events] == [
+        ("wal_listener.public_a", {"id": 2, "amount": 50}),
+        ("wal_listener.big", {"id": 3, "amount": 60}),
+    ]
+
+
+def dump(cluster) -> str:
+    return subprocess.run(
+        [str(cluster.bindir / "pg_dump"), "-h", str(cluster.dir), "-p", str(cluster.port), "-U", "postgres", "app"],
+        check=True, capture_output=True, text=True, **_as_postgres_user(),
+    ).stdout
+
+
+def restore(cluster, script: str) -> str:
+    """psql as a restore runs it: on errors it goes on (the target's worker
+    has made its publication already, which the dump creates too)."""
+    return subprocess.run(
+        [str(cluster.bindir / "psql"), "-X", "-h", str(cluster.dir), "-p", str(cluster.port), "-U", "postgres", "-d", "app"],
+        input=script, check=True, capture_output=True, text=True, **_as_postgres_user(),
+    ).stderr
+
+
+def test_filters_survive_dump_and_restore_into_another_cluster(streaming, nats_server, make_cluster):
+    streaming.execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    streaming.execute("SELECT wal_listener.add_filter('b', '{insert}', subject => 'wal_listener.bees')")
+    streaming.execute("SELECT wal_listener.add_filter('a', '{delete}')")
+    script = dump(streaming)
+
+    other_nats = Nats()
+    try:
+        target = make_cluster(nats_url=f"'{other_nats.url}'")
+        # Other tables first, so that a and b get other OIDs there.
+        target.execute("CREATE TABLE first (x int); CREATE TABLE second (x int)")
+        wait_until(lambda: "waiting for CREATE EXTENSION" in target.log(), 60, "the target's worker to wait")
+        errors = restore(target, script)
+        print(f"\nrestore said: {errors.strip()}")
+        oids = lambda c: c.execute("SELECT 'a'::regclass::oid AS a, 'b'::regclass::oid AS b")[0]
+        assert oids(target) != oids(streaming)
+        filters = target.execute('SELECT "table"::text AS tbl, actions, subject FROM wal_listener.filters ORDER BY 1')
+        assert filters == [
+            {"tbl": "a", "actions": ["delete"], "subject": None},
+            {"tbl": "b", "actions": ["insert"], "subject": "wal_listener.bees"},
+        ]
+        target.wait_for_state("streaming", timeout=60)
+        target.execute("INSERT INTO a VALUES (1); INSERT INTO b VALUES (1); DELETE FROM a; DELETE FROM b")
+        assert wait_for_count(other_nats.url, 2) == 2
+        events = read_stream(other_nats.url)
+        assert [(e.subject, e.body["action"]) for e in events] == [
+            ("wal_listener.bees", "INSERT"), ("wal_listener.public_a", "DELETE")]
+        # And after a restart, from the positions the target's worker recorded.
+        target.restart("immediate")
+        target.execute("INSERT INTO b VALUES (2); INSERT INTO a VALUES (2)")
+        assert wait_for_count(other_nats.url, 3) == 3
+        assert read_stream(other_nats.url)[-1].body["data"] == {"id": 2}
+    finally:
+        other_nats.destroy()
+
+
+def test_a_subject_no_stream_stores_is_a_warning_and_held_until_one_does(streaming, nats_server):
+    streaming.execute("CREATE TABLE t (id int)")
+    streaming.execute("SELECT wal_listener.add_filter('t', subject => 'audit.t')")
+    warning = wait_until(
+        lambda: [w for w in streaming.status()["warnings"] if "audit.t" in w], 30, "a warning naming audit.t"
+    )
+    assert "no JetStream stream stores subject audit.t (public.t)" in warning[0], warning
+    streaming.execute("INSERT INTO t VALUES (1)")
+    status = wait_until(lambda: (s := streaming.status())["state"] == "backoff" and s, 60, "backoff")
+    assert "audit.t" in status["last_error"] and "no JetStream stream stores" in status["last_error"]
+
+    async def create_audit_stream():
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().add_stream(name="audit", subjects=["audit.>"])
+        await nc.close()
+
+    asyncio.run(create_audit_stream())
+    streaming.wait_for_state("streaming", timeout=60)
+    assert wait_for_count(nats_server.url, 1, stream="audit") == 1
+    wait_until(lambda: not streaming.status()["warnings"], 30, "the warning to clear")
+
+
+def test_restart_signals_no_process_once_the_worker_has_died(streaming):
+    streaming.set(inject_fault="host_panic")
+    status = wait_until(lambda: (s := streaming.status())["pid"] is None and s, 10, "the worker to be gone")
+    assert status["state"] == "stopped"
+    assert streaming.execute("SELECT wal_listener.restart() AS asked") == [{"asked": False}]
+    streaming.set(inject_fault=None)
+    streaming.wait_for_state("streaming", timeout=60)

@@ -314,3 +314,116 @@ def test_panic_on_the_worker_main_thread(streaming, nats_server):
     assert bystander.execute("SELECT 1").fetchone() is not None, "the server restarted"
     assert "terminated by signal" not in streaming.log()
     bystander.close()
+
+
+class Responder(threading.Thread):
+    """A core NATS subscriber on `subject` that answers every message at
+    once, as request/reply services do; its replies land on our PubAck inbox."""
+
+    def __init__(self, url: str, subject: str):
+        super().__init__(daemon=True)
+        self.url, self.subject = url, subject
+        self.answered = 0
+        self.ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.start()
+        assert self.ready.wait(10), "responder did not subscribe"
+
+    def run(self):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self):
+        self.nc = await nats.connect(self.url)
+
+        async def answer(msg):
+            self.answered += 1
+            await msg.respond(b"ok")
+
+        await self.nc.subscribe(self.subject, cb=answer)
+        await self.nc.flush()
+        self.ready.set()
+        self.stopped = asyncio.Event()
+        await self.stopped.wait()
+        await self.nc.close()
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.stopped.set)
+        self.join(10)
+
+
+def confirmed_flush(cluster) -> str:
+    return cluster.execute("SELECT confirmed_flush_lsn::text AS l FROM pg_replication_slots")[0]["l"]
+
+
+def lsn_before(cluster, a: str, b: str) -> bool:
+    return cluster.execute("SELECT %s::pg_lsn < %s::pg_lsn AS before", (a, b))[0]["before"]
+
+
+def test_a_core_responder_never_confirms_an_event_the_stream_refused(streaming, nats_server):
+    async def stream_limit(max_msgs: int):
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        config = (await js.stream_info("wal_listener")).config
+        config.max_msgs, config.discard = max_msgs, nats.js.api.DiscardPolicy.NEW
+        await js.update_stream(config)
+        await nc.close()
+
+    streaming.execute("CREATE TABLE t (id int)")
+    streaming.execute("INSERT INTO t VALUES (1)")
+    assert wait_for_count(nats_server.url, 1) == 1
+    asyncio.run(stream_limit(1))  # full: the stream refuses the next message
+    responder = Responder(nats_server.url, "wal_listener.>")
+    try:
+        before = streaming.execute("SELECT pg_current_wal_lsn()::text AS l")[0]["l"]
+        streaming.execute("INSERT INTO t VALUES (2)")
+        status = wait_until(
+            lambda: (s := streaming.status())["state"] == "backoff" and "maximum messages" in (s["last_error"] or "") and s,
+            60,
+            "backoff naming the refusal",
+        )
+        print(f"\nstream full, responder answering: {status['last_error']}")
+        time.sleep(3)
+        assert responder.answered >= 1, "the responder never answered"
+        assert not lsn_before(streaming, before, confirmed_flush(streaming)), "confirmed past an event the stream refused"
+        assert stream_count(nats_server.url) == 1
+
+        asyncio.run(stream_limit(-1))
+        assert wait_for_count(nats_server.url, 2, timeout=90) == 2
+        assert [e.body["data"]["id"] for e in read_stream(nats_server.url)] == [1, 2]
+        wait_until(lambda: lsn_before(streaming, before, confirmed_flush(streaming)), 30, "the confirm")
+        assert "only a PubAck from the stream does" in streaming.log()
+    finally:
+        responder.stop()
+
+
+def test_signal_storm_leaves_the_worker_and_other_sessions_alone(streaming, nats_server):
+    bystander = streaming.connect()
+    pid = streaming.worker_pid()
+    loader = start_loader(streaming)
+    loader.wait_for(TRANSACTIONS // 10)
+    for i in range(5000):
+        os.kill(pid, signal.SIGHUP if i % 2 else signal.SIGUSR1)
+    with streaming.connect() as conn:
+        for _ in range(200):
+            conn.execute("SELECT pg_reload_conf()")
+    for i in range(5000):
+        os.kill(pid, signal.SIGUSR1 if i % 2 else signal.SIGHUP)
+    check_everything_arrived_once(streaming, nats_server, loader)
+    assert streaming.worker_pid() == pid
+    assert bystander.execute("SELECT 1").fetchone() is not None, "the server restarted"
+    assert "terminated by signal" not in streaming.log()
+    bystander.close()
+
+
+def test_a_dead_supervisor_ends_the_worker_instead_of_freezing_its_status(streaming, nats_server):
+    first_worker = streaming.worker_pid()
+    streaming.set(inject_fault="supervisor_panic")
+    wait_until(lambda: "pipeline supervisor ended unexpectedly" in streaming.log(), 30, "the worker to notice")
+    status = wait_until(lambda: (s := streaming.status())["pid"] is None and s, 10, "the worker to exit")
+    assert status["state"] == "stopped"
+    streaming.set(inject_fault=None)
+    status = wait_until(lambda: (s := streaming.status())["state"] == "streaming" and s, 60, "a new worker")
+    assert status["pid"] not in (None, first_worker)
+    streaming.execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+    assert wait_for_count(nats_server.url, 1) == 1

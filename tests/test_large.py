@@ -4,7 +4,7 @@ and a stalled NATS does not get the walsender disconnected."""
 import signal
 import time
 
-from harness import PeakMemory, inserted_numbers, stream_count, wait_for_count, wait_until
+from harness import Nats, PeakMemory, inserted_numbers, read_stream, stream_count, wait_for_count, wait_until
 
 # The issue's target for the worker's own memory (anonymous RSS).
 MEMORY_LIMIT_MIB = 64
@@ -87,3 +87,58 @@ def test_stalled_nats_does_not_get_the_walsender_disconnected(make_cluster, nats
     assert "replication timeout" not in log and "retrying" not in log, "the session was restarted"
     after = cluster.execute("SELECT pid FROM pg_stat_replication WHERE application_name = 'wal_listener'")
     assert [r["pid"] for r in after] == [walsender]
+
+
+def test_memory_is_bounded_in_bytes_while_nats_is_frozen(make_cluster):
+    """400 rows of 1 MiB while nats-server is frozen: the worker holds at most
+    max_in_flight_bytes of unacked payloads plus its read-ahead (a quarter of
+    it), not max_in_flight events of any size."""
+    big_nats = Nats(config="max_payload: 8MB")
+    try:
+        cluster = make_cluster(nats_url=f"'{big_nats.url}'")
+        cluster.execute("CREATE EXTENSION wal_listener")
+        cluster.wait_for_state("streaming", timeout=60)
+        cluster.execute("CREATE TABLE blobs (n int PRIMARY KEY, body text)")
+        memory = PeakMemory(cluster.worker_pid())
+        big_nats.process.send_signal(signal.SIGSTOP)
+        try:
+            for n in range(1, 401):
+                # Compressible, so the WAL stays small; pgoutput sends it whole.
+                cluster.execute("INSERT INTO blobs VALUES (%s, repeat(chr(65 + %s %% 26), 1048576))", (n, n))
+            time.sleep(8)
+        finally:
+            big_nats.process.send_signal(signal.SIGCONT)
+        assert wait_for_count(big_nats.url, 400, timeout=300) == 400
+        peak = memory.stop()
+        numbers = [e.body["data"]["n"] for e in read_stream(big_nats.url)]
+        limit = 2 * 64 + 32
+        print(f"\n400 x 1 MiB rows, NATS frozen 8 s: worker peak anonymous RSS {peak:.1f} MiB (limit {limit} MiB)")
+        assert sorted(numbers) == list(range(1, 401))
+        assert peak <= limit
+    finally:
+        big_nats.destroy()
+
+
+def test_nats_frozen_past_the_ack_timeout_confirms_nothing_of_the_transaction(streaming, nats_server):
+    streaming.execute("CREATE TABLE t (n int)")
+    nats_server.process.send_signal(signal.SIGSTOP)
+    try:
+        streaming.execute("INSERT INTO t SELECT generate_series(1, 50000)")
+        commit_end = streaming.execute("SELECT pg_current_wal_lsn()::text AS l")[0]["l"]
+        deadline, timed_out = time.monotonic() + 15, False  # past the 10 s PubAck timeout
+        while time.monotonic() < deadline:
+            timed_out = timed_out or "no PubAck within 10 s" in (streaming.status()["last_error"] or "")
+            confirmed = streaming.execute("SELECT confirmed_flush_lsn::text AS l FROM pg_replication_slots")[0]["l"]
+            before = streaming.execute("SELECT %s::pg_lsn < %s::pg_lsn AS b", (confirmed, commit_end))[0]["b"]
+            assert before, f"confirmed {confirmed} passed the unacked transaction ending at {commit_end}"
+            time.sleep(0.5)
+        assert timed_out, f"no PubAck timeout reported: {streaming.status()}"
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+    check_all_arrived_once(nats_server, 50_000)
+    wait_until(
+        lambda: streaming.execute(
+            "SELECT confirmed_flush_lsn >= %s::pg_lsn AS done FROM pg_replication_slots", (commit_end,))[0]["done"],
+        60,
+        "the confirm once the acks arrived",
+    )

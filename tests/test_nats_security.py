@@ -108,3 +108,64 @@ def test_authentication_mode(make_cluster, mode):
     finally:
         server.destroy()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_bad_client_certificate_or_key_is_named_with_its_cause(make_cluster):
+    directory = Path(tempfile.mkdtemp(prefix="wl-natssec-badcert-"))
+    directory.chmod(0o755)
+    secured = nats_security.mutual_tls(directory)
+    server = Nats(config=secured.config)
+    try:
+        v1_cert, v1_key = nats_security.v1_client_certificate(directory)
+        quoted = {k: f"'{v}'" for k, v in (settings_for(secured) | {"nats_tls_cert_file": v1_cert, "nats_tls_key_file": v1_key}).items()}
+        cluster = make_cluster(nats_url=f"'{server.url}'", **quoted)
+        cluster.execute("CREATE EXTENSION wal_listener")
+        status = wait_until(
+            lambda: (s := cluster.status())["state"] == "backoff" and "X.509 v1" in (s["last_error"] or "") and s,
+            60,
+            "backoff naming the v1 certificate",
+        )
+        assert str(v1_cert) in status["last_error"] and "-extfile" in status["last_error"]
+        print(f"\nv1 certificate: {status['last_error']}")
+
+        cluster.set(nats_tls_cert_file=secured.cert_file, nats_tls_key_file=secured.untrusted_key_file)
+        status = wait_until(
+            lambda: "is not the key of the certificate" in ((s := cluster.status())["last_error"] or "") and s,
+            60,
+            "backoff naming the key that does not match",
+        )
+        assert str(secured.untrusted_key_file) in status["last_error"]
+        print(f"key of another certificate: {status['last_error']}")
+
+        cluster.set(**settings_for(secured))
+        cluster.wait_for_state("streaming", timeout=60)
+    finally:
+        server.destroy()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_credentials_in_nats_url_are_never_logged_or_shown(make_cluster):
+    directory = Path(tempfile.mkdtemp(prefix="wl-natssec-url-"))
+    secured = nats_security.user_password(directory)
+    server = Nats(config=secured.config)
+    try:
+        wrong = f"nats://wal:wrong-{secured.password}@127.0.0.1:1"
+        cluster = make_cluster(nats_url=f"'{wrong}'")
+        cluster.execute("CREATE EXTENSION wal_listener")
+        status = wait_until(
+            lambda: (s := cluster.status())["state"] == "backoff" and "cannot connect" in (s["last_error"] or "") and s,
+            60,
+            "backoff naming the URL",
+        )
+        assert "nats://wal:****@127.0.0.1:1" in status["last_error"], status["last_error"]
+        assert cluster.execute("SHOW wal_listener.nats_url") == [{"wal_listener.nats_url": "nats://wal:****@127.0.0.1:1"}]
+
+        cluster.set(nats_url=f"nats://wal:{secured.password}@127.0.0.1:{server.port}")
+        cluster.wait_for_state("streaming", timeout=60)
+        ours = [line for line in cluster.log().splitlines() if "wal_listener:" in line]
+        assert any(f"wal:****@127.0.0.1:{server.port}" in line for line in ours), ours
+        assert not any(secured.password in line for line in ours), "a worker log line shows the password"
+        assert secured.password not in str(cluster.status())
+    finally:
+        server.destroy()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -21,7 +21,9 @@ def test_worker_waits_for_create_extension_then_streams(cluster):
     # status() is readable wherever the extension exists, e.g. another database.
     cluster.execute("CREATE EXTENSION wal_listener", dbname="postgres")
     status = cluster.execute("SELECT * FROM wal_listener.status()", dbname="postgres")[0]
-    assert (status["state"], status["last_error"]) == ("waiting", waiting)
+    assert status["state"] == "waiting" and status["last_error"].startswith(waiting), status
+    # The slot exists already, so that nothing after CREATE EXTENSION is lost.
+    assert cluster.execute("SELECT slot_name FROM pg_replication_slots") == [{"slot_name": "wal_listener"}]
     workers = cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'wal_listener'")
     assert [w["pid"] for w in workers] == [status["pid"]]
 
@@ -160,8 +162,6 @@ def test_new_nats_url_takes_effect_after_reload(make_cluster, nats_server):
     cluster = make_cluster(nats_url="'nats://127.0.0.1:1'")
     cluster.execute("CREATE EXTENSION wal_listener")
     cluster.execute("CREATE TABLE t (id int)")
-    # Changes are captured from the moment the worker has created the slot.
-    wait_until(lambda: cluster.execute("SELECT 1 FROM pg_replication_slots"), 60, "the slot")
     cluster.execute("INSERT INTO t VALUES (1)")
     status = wait_until(
         lambda: (s := cluster.status())["state"] == "backoff" and "nats://127.0.0.1:1" in s["last_error"] and s,
@@ -239,3 +239,16 @@ def test_rejected_loopback_connection_names_the_pg_hba_line_to_add(make_cluster)
         "backoff naming pg_hba.conf",
     )
     assert 'local app postgres peer' in status["last_error"]
+
+
+def test_a_role_that_is_not_a_superuser_is_refused_with_the_reason(make_cluster):
+    cluster = make_cluster(role="'streamer'")
+    cluster.execute("CREATE ROLE streamer LOGIN REPLICATION", dbname="postgres")
+    cluster.execute("CREATE EXTENSION wal_listener")
+    status = wait_until(
+        lambda: (s := cluster.status())["state"] == "backoff" and "not a superuser" in (s["last_error"] or "") and s,
+        60,
+        "backoff saying why the role is refused",
+    )
+    assert 'wal_listener.role "streamer"' in status["last_error"]
+    assert cluster.execute("SELECT count(*) AS n FROM pg_replication_slots") == [{"n": 0}]

@@ -119,7 +119,7 @@ def test_pg_monitor_members_read_status_and_filters_only(db):
         assert conn.execute("SELECT count(*) FROM wal_listener.filters").fetchone() == (0,)
     assert "permission denied for function" in error_of(db, "SELECT wal_listener.add_filter('orders')", user="monitor")
     assert "permission denied for table" in error_of(
-        db, "INSERT INTO wal_listener.config_changes VALUES (9, '[]')", user="monitor"
+        db, "INSERT INTO wal_listener.config_changes (version) VALUES (9)", user="monitor"
     )
 
 

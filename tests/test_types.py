@@ -64,6 +64,15 @@ GOLDEN = [
     ("bytea[]", "ARRAY['\\x00ff'::bytea]", ["AP8="]),
     ("timestamptz[]", "ARRAY['2026-11-24 21:43:42+00'::timestamptz]", ["2026-11-24T21:43:42Z"]),
     ("uuid[]", "'{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}'", ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]),
+    # Arrays of built-in types in no hand-written list: elements from the catalog.
+    ("regclass[]", "ARRAY['pg_class'::regclass, NULL]", ["pg_class", None]),
+    ("pg_lsn[]", "'{0/16B3748,1/0}'", ["0/16B3748", "1/0"]),
+    ("xid[]", "'{1,2}'", ["1", "2"]),
+    ("tid[]", """'{"(0,1)","(5,2)"}'""", ["(0,1)", "(5,2)"]),
+    ("money[]", "'{1.5,-2}'", ["$1.50", "-$2.00"]),
+    ("oid[]", "'{1,4294967295}'", [1, 4294967295]),
+    ("interval[]", "ARRAY['1 day'::interval]", ["1 day"]),
+    ("box[]", "ARRAY['(1,1),(0,0)'::box, '(2,2),(1,1)'::box]", ["(1,1),(0,0)", "(2,2),(1,1)"]),
 ]
 
 

@@ -44,7 +44,10 @@ def test_quiet_database_does_not_pin_wal(make_cluster, nats_server):
     cluster = make_cluster(heartbeat_interval="1")
     cluster.execute("CREATE TABLE published (id int)")
     cluster.execute("CREATE TABLE unpublished (id int, pad text)")
-    cluster.execute("CREATE PUBLICATION wal_listener FOR TABLE published")
+    # The worker made its publication when the database appeared; replace it in one transaction.
+    with cluster.connect() as conn, conn.transaction():
+        conn.execute("DROP PUBLICATION IF EXISTS wal_listener")
+        conn.execute("CREATE PUBLICATION wal_listener FOR TABLE published")
     cluster.execute("CREATE EXTENSION wal_listener")
     cluster.wait_for_state("streaming", timeout=60)
     cluster.execute("CREATE DATABASE other", dbname="postgres")

@@ -1,5 +1,5 @@
 //! NATS-only limit for bench/bench.py: publishes recorded events to a
-//! JetStream stream with the worker's own publisher (core/src/publish.rs:
+//! JetStream stream with the worker's own publisher (core/src/publish/mod.rs:
 //! `Nats-Msg-Id` = event id, PubAcks on one subscription, up to 4096 in
 //! flight) and prints the seconds from the first publish to the last PubAck.
 //!
@@ -12,9 +12,11 @@ use std::time::Instant;
 
 use async_nats::Subject;
 use bytes::Bytes;
+use wal_listener_core::ack_tracker::AckTracker;
 use wal_listener_core::config::PublishConfig;
-use wal_listener_core::publish::{InFlight, Publisher, Sent};
+use wal_listener_core::publish::{Publisher, Reply, Sent};
 use wal_listener_core::status::StatusBoard;
+use wal_listener_core::Lsn;
 
 const MAX_IN_FLIGHT: usize = 4096;
 
@@ -41,9 +43,9 @@ fn event_id(body: &[u8]) -> [u8; 36] {
     body[7..43].try_into().expect("event starts with its id")
 }
 
-async fn await_ack(publisher: &mut Publisher, in_flight: &mut InFlight) {
-    let (sequence, stored) = publisher.next_ack().await.expect("PubAck");
-    stored.expect("stored by JetStream");
+async fn await_ack(publisher: &mut Publisher, in_flight: &mut AckTracker<()>) {
+    let (sequence, reply) = publisher.next_ack().await.expect("PubAck");
+    assert!(matches!(reply, Reply::Stored { .. }), "not stored by JetStream: {reply:?}");
     in_flight.acked(sequence);
 }
 
@@ -61,6 +63,7 @@ async fn main() {
         topic_prefix: String::new(),
         create_stream: true,
         max_in_flight: MAX_IN_FLIGHT,
+        max_in_flight_bytes: usize::MAX,
         auth: Default::default(),
         tls: Default::default(),
         oversize_policy: Default::default(),
@@ -69,15 +72,18 @@ async fn main() {
     let mut publisher = Publisher::connect(&config, &board).await.expect("NATS reachable, stream created");
 
     let started = Instant::now();
-    let mut in_flight = InFlight::new(0);
+    let mut in_flight = AckTracker::new(Lsn(0));
     for (subject, body) in messages {
-        while in_flight.len() >= MAX_IN_FLIGHT {
+        while in_flight.unacked() >= MAX_IN_FLIGHT {
             await_ack(&mut publisher, &mut in_flight).await;
         }
         let id = event_id(&body);
         let id = std::str::from_utf8(&id).expect("ASCII id");
+        let bytes = body.len();
         match publisher.publish(&subject, id, body, in_flight.next_sequence()).await.expect("published") {
-            Sent::Published => in_flight.sent(subject, Instant::now()),
+            Sent::Published => {
+                in_flight.published((), bytes, Instant::now());
+            }
             Sent::TooLarge(why) => panic!("event {id} too large: {why}"),
         }
     }

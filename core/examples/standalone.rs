@@ -45,6 +45,7 @@ async fn main() {
         topic_prefix: String::new(),
         create_stream: true,
         max_in_flight: 4096,
+        max_in_flight_bytes: 64 << 20,
         auth: Default::default(),
         tls: Default::default(),
         oversize_policy: Default::default(),

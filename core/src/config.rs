@@ -28,6 +28,9 @@ pub struct PublishConfig {
     pub create_stream: bool,
     /// Cap on un-acked publishes.
     pub max_in_flight: usize,
+    /// Cap on the payload bytes of un-acked publishes; the read-ahead of
+    /// received changes is a quarter of it.
+    pub max_in_flight_bytes: usize,
     pub auth: NatsAuth,
     pub tls: NatsTls,
     pub oversize_policy: OversizePolicy,
@@ -42,18 +45,6 @@ pub enum OversizePolicy {
     Error,
     /// Leave it out, log its table, key and LSN, and count it.
     Skip,
-}
-
-/// Faults the tests inject through `wal_listener.inject_fault`, to prove
-/// that bad input and panics end in a restart from the slot, not a crash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InjectedFault {
-    /// A Rust panic in the pipeline at the next row change.
-    Panic,
-    /// The next row change arrives with an unknown message tag.
-    UnknownMessage,
-    /// The next row change refers to a relation never described.
-    UndescribedRelation,
 }
 
 /// NATS credentials; empty strings mean "not set". Files are read at
@@ -105,7 +96,8 @@ pub struct PipelineConfig {
     pub max_backoff: Duration,
     /// How often to write a heartbeat into the WAL while streaming; zero = never.
     pub heartbeat_interval: Duration,
-    pub inject_fault: Option<InjectedFault>,
+    #[cfg(feature = "fault-injection")]
+    pub inject_fault: Option<crate::failpoints::InjectedFault>,
 }
 
 impl PipelineConfig {
@@ -116,7 +108,93 @@ impl PipelineConfig {
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
+            #[cfg(feature = "fault-injection")]
             inject_fault: None,
         }
+    }
+}
+
+/// `nats_url` as it may be logged or shown: the password of
+/// `user:password@` and a `token@` are replaced by `****`.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let (scheme, rest) = match url.find("://") {
+                Some(i) => url.split_at(i + 3),
+                None => ("", url),
+            };
+            match rest.rfind('@') {
+                Some(at) => {
+                    let userinfo = &rest[..at];
+                    let redacted = match userinfo.split_once(':') {
+                        Some((user, _password)) => format!("{user}:****"),
+                        None => "****".to_owned(),
+                    };
+                    format!("{scheme}{redacted}{}", &rest[at..])
+                }
+                None => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Credentials written into `nats_url` (`user:password@` or `token@`), as
+/// wal-listener's users are used to; the NATS client ignores them, so the
+/// publisher passes them on. The first URL that has any decides.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UrlCredentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+pub fn url_credentials(urls: &str) -> Option<UrlCredentials> {
+    urls.split(',').find_map(|url| {
+        let rest = url.trim().split_once("://").map_or(url.trim(), |(_, rest)| rest);
+        let userinfo = &rest[..rest.rfind('@')?];
+        Some(match userinfo.split_once(':') {
+            Some((user, password)) => UrlCredentials::UserPassword(user.to_owned(), password.to_owned()),
+            None => UrlCredentials::Token(userinfo.to_owned()),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_secrets_only() {
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("nats://app:s3cret@nats:4222"), "nats://app:****@nats:4222");
+        assert_eq!(redact_url("nats://t0ken@nats:4222"), "nats://****@nats:4222");
+        assert_eq!(redact_url("tls://a:p@x:1, nats://y:2"), "tls://a:****@x:1, nats://y:2");
+        assert_eq!(redact_url("a:b:c@host"), "a:****@host");
+        assert_eq!(redact_url(""), "");
+    }
+
+    #[test]
+    fn urls_may_carry_credentials() {
+        assert_eq!(url_credentials("nats://127.0.0.1:4222"), None);
+        assert_eq!(
+            url_credentials("nats://a:4222, nats://app:s3cret@b:4222"),
+            Some(UrlCredentials::UserPassword("app".into(), "s3cret".into()))
+        );
+        assert_eq!(url_credentials("t0ken@host"), Some(UrlCredentials::Token("t0ken".into())));
+    }
+
+    #[test]
+    fn a_config_prints_without_secrets() {
+        let auth = NatsAuth {
+            user: "app".into(),
+            password: "s3cret".into(),
+            token: "t0k3n".into(),
+            ..Default::default()
+        };
+        let printed = format!("{auth:?}");
+        assert!(
+            printed.contains("app") && !printed.contains("s3cret") && !printed.contains("t0k3n"),
+            "{printed}"
+        );
     }
 }

@@ -19,6 +19,8 @@ pub struct TableFilter {
     actions: u8,
     /// Replaces the default subject when set.
     pub subject: Option<String>,
+    /// The table's name, for messages (as the config store printed it).
+    pub table: Option<String>,
 }
 
 impl TableFilter {
@@ -70,8 +72,15 @@ impl Filters {
         self.by_relation.is_empty()
     }
 
-    /// Parses the `filters` column of `wal_listener.config_changes`:
-    /// `[{"relid": 16384, "actions": ["insert"], "subject": null}, ...]`.
+    /// The per-table subjects, each with the table it is set for.
+    pub fn subjects(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_relation.values().filter_map(|rule| {
+            Some((rule.subject.as_deref()?, rule.table.as_deref().unwrap_or("a filtered table")))
+        })
+    }
+
+    /// Parses the rules of one version as the config store reads them:
+    /// `[{"relid": 16384, "table": "public.t", "actions": ["insert"], "subject": null}, ...]`.
     pub fn from_json(text: &str) -> Result<Filters, String> {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("filters are not valid JSON: {e}"))?;
@@ -99,9 +108,49 @@ impl Filters {
                 }
                 Some(other) => return Err(format!("filter subject {other} is not text")),
             };
-            by_relation.insert(relid, TableFilter { actions, subject });
+            let table = row.get("table").and_then(serde_json::Value::as_str).map(str::to_owned);
+            by_relation.insert(relid, TableFilter { actions, subject, table });
         }
         Ok(Filters { by_relation })
+    }
+}
+
+/// What one transaction writes to the config tables, as their triggers'
+/// messages tell it: `{"version": n}` per new version and
+/// `{"version": n, "relid": …, "table": …, "actions": […], "subject": …}`
+/// per rule. The newest version is in force from the commit on.
+#[derive(Debug, Default)]
+pub struct FilterChange {
+    newest: Option<i64>,
+    rules: Vec<(i64, serde_json::Value)>,
+}
+
+impl FilterChange {
+    pub fn add_message(&mut self, content: &[u8]) -> Result<(), String> {
+        let mut message: serde_json::Value = serde_json::from_slice(content).map_err(|e| {
+            format!("a filter message is not JSON ({e}): {:?}", String::from_utf8_lossy(content))
+        })?;
+        let version = message
+            .get("version")
+            .and_then(serde_json::Value::as_i64)
+            .ok_or_else(|| format!("a filter message has no version: {message}"))?;
+        self.newest = Some(self.newest.map_or(version, |newest| newest.max(version)));
+        if message.get("relid").is_some() {
+            if let Some(object) = message.as_object_mut() {
+                object.remove("version");
+            }
+            self.rules.push((version, message));
+        }
+        Ok(())
+    }
+
+    /// The newest version written and its rules as a JSON array (for
+    /// [`Filters::from_json`]); `None` when the transaction wrote none.
+    pub fn newest(&self) -> Option<(i64, String)> {
+        let newest = self.newest?;
+        let rules: Vec<&serde_json::Value> =
+            self.rules.iter().filter(|(version, _)| *version == newest).map(|(_, rule)| rule).collect();
+        Some((newest, serde_json::Value::from(rules.into_iter().cloned().collect::<Vec<_>>()).to_string()))
     }
 }
 
@@ -178,6 +227,16 @@ mod tests {
     }
 
     #[test]
+    fn lists_per_table_subjects_with_their_tables() {
+        let filters = Filters::from_json(
+            r#"[{"relid": 10, "actions": ["insert"], "subject": null, "table": "public.a"},
+                {"relid": 11, "actions": ["delete"], "subject": "audit.deletes", "table": "public.b"}]"#,
+        )
+        .unwrap();
+        assert_eq!(filters.subjects().collect::<Vec<_>>(), vec![("audit.deletes", "public.b")]);
+    }
+
+    #[test]
     fn malformed_filter_json_is_an_error() {
         for bad in [
             "{",
@@ -190,6 +249,35 @@ mod tests {
         ] {
             assert!(Filters::from_json(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_transaction_s_newest_version_is_in_force_with_its_own_rules() {
+        let mut change = FilterChange::default();
+        assert_eq!(change.newest(), None);
+        // A restore writes every version, then every rule.
+        for message in [
+            r#"{"version": 1}"#,
+            r#"{"version": 2}"#,
+            r#"{"version": 1, "relid": 10, "table": "public.a", "actions": ["insert"], "subject": null}"#,
+            r#"{"version": 2, "relid": 11, "table": "public.b", "actions": ["delete"], "subject": "x.y"}"#,
+            r#"{"version": 2, "relid": 12, "table": "public.c", "actions": ["update"], "subject": null}"#,
+        ] {
+            change.add_message(message.as_bytes()).unwrap();
+        }
+        let (version, rules) = change.newest().unwrap();
+        assert_eq!(version, 2);
+        let filters = Filters::from_json(&rules).unwrap();
+        assert_eq!((filters.len(), filters.decide(11, Action::Delete)), (2, Decision::Publish(Some("x.y"))));
+        assert_eq!(filters.decide(10, Action::Insert), Decision::Skip);
+
+        // remove_filter of the last table: a version with no rules.
+        let mut emptied = FilterChange::default();
+        emptied.add_message(br#"{"version": 3}"#).unwrap();
+        assert_eq!(emptied.newest(), Some((3, "[]".to_string())));
+        assert!(FilterChange::default().add_message(b"{}").unwrap_err().contains("no version"));
+        assert!(FilterChange::default().add_message(b"7").unwrap_err().contains("no version"));
+        assert!(FilterChange::default().add_message(b"x").unwrap_err().contains("not JSON"));
     }
 
     #[test]

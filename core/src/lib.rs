@@ -1,12 +1,17 @@
 //! The pgrx-free core of wal_listener, in the order data flows through it:
 //! [`replication`] (loopback connection to the slot) → [`pgoutput`] (decoding)
 //! → [`event`] (JSON events, ids, subjects) → [`publish`] (JetStream) →
-//! [`pipeline`] (joins them, confirms only acked LSNs). [`slot_watch`] watches
-//! the slot's WAL retention beside it; [`status`] is what the host shows.
+//! [`pipeline`] (joins them; [`ack_tracker`] decides what may be confirmed).
+//! [`slot_watch`] watches the slot's WAL retention beside it; [`audit`]
+//! checks settings; [`status`] is what the host shows.
 
+pub mod ack_tracker;
+pub mod audit;
 pub mod config;
 pub mod error;
 pub mod event;
+#[cfg(feature = "fault-injection")]
+pub mod failpoints;
 pub mod filters;
 mod lsn;
 pub mod pgoutput;

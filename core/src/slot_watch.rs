@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::config::PipelineConfig;
-use crate::replication::{self, SlotRetention};
+use crate::replication::slot::{self, SlotRetention};
 use crate::status::{LogLevel, State, StatusBoard};
 
 /// How often retention is checked when heartbeats are off or rarer.
@@ -32,15 +32,15 @@ pub async fn run(config: watch::Receiver<PipelineConfig>, board: Arc<StatusBoard
             interval => interval.min(CHECK_INTERVAL),
         };
         tokio::time::sleep(tick).await;
-        // Waiting/connecting: no database or slot to look at yet.
-        let state = board.state();
-        if !matches!(state, State::Streaming | State::Backoff) {
+        // Until a session held the slot once, there may be no database or slot to look at.
+        let slot_active = board.slot_active();
+        if !slot_active && board.state() != State::Backoff {
             continue;
         }
-        let heartbeat = state == State::Streaming
+        let heartbeat = slot_active
             && !heartbeat_interval.is_zero()
             && last_heartbeat.elapsed() + tick / 2 >= heartbeat_interval;
-        match replication::check_slot(&cfg.source, heartbeat).await {
+        match slot::check(&cfg.source, heartbeat).await {
             Ok(retention) => {
                 if heartbeat {
                     last_heartbeat = Instant::now();

@@ -57,6 +57,15 @@ pub struct LogLine {
     pub message: String,
 }
 
+/// Which check a warning comes from: each check replaces its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarningSource {
+    /// Server settings read at connect (e.g. `synchronous_standby_names`).
+    Postgres,
+    /// Which JetStream stream stores the subjects the worker publishes to.
+    Streams,
+}
+
 /// A copy of the status at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusSnapshot {
@@ -73,6 +82,8 @@ pub struct StatusSnapshot {
     pub last_error: Option<String>,
     /// Unix microseconds; 0 = never.
     pub last_error_at: i64,
+    /// The setup audit's findings: what to change, one line each.
+    pub warnings: Vec<String>,
 }
 
 /// Keeps at most this many unread log lines: a host that stops reading
@@ -94,6 +105,9 @@ pub struct StatusBoard {
     /// When progress last woke the host (unix microseconds).
     last_progress_wake: AtomicI64,
     last_error: Mutex<Option<(String, i64)>>,
+    warnings: Mutex<Vec<(WarningSource, Vec<String>)>>,
+    /// Whether a session holds the slot and streams (publishing or not).
+    slot_active: AtomicBool,
     log: Mutex<VecDeque<LogLine>>,
     /// Wakes the host (an eventfd write in the extension); must not block.
     wake_host: Box<dyn Fn() + Send + Sync>,
@@ -111,6 +125,8 @@ impl StatusBoard {
             last_event_at: AtomicI64::new(0),
             last_progress_wake: AtomicI64::new(0),
             last_error: Mutex::new(None),
+            warnings: Mutex::new(Vec::new()),
+            slot_active: AtomicBool::new(false),
             log: Mutex::new(VecDeque::new()),
             wake_host,
         }
@@ -158,6 +174,32 @@ impl StatusBoard {
         self.confirmed_lsn.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
+    pub fn set_slot_active(&self, active: bool) {
+        self.slot_active.store(active, Ordering::Relaxed);
+    }
+
+    pub fn slot_active(&self) -> bool {
+        self.slot_active.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the findings of one check; a finding that is new is also
+    /// logged as a WARNING (once, not at every reconnect).
+    pub fn set_warnings(&self, source: WarningSource, findings: Vec<String>) {
+        let mut warnings = lock(&self.warnings);
+        let previous = match warnings.iter_mut().find(|(s, _)| *s == source) {
+            Some((_, lines)) => std::mem::replace(lines, findings.clone()),
+            None => {
+                warnings.push((source, findings.clone()));
+                Vec::new()
+            }
+        };
+        drop(warnings);
+        for line in findings.into_iter().filter(|line| !previous.contains(line)) {
+            self.log(LogLevel::Warning, line);
+        }
+        (self.wake_host)();
+    }
+
     /// Records an error for `status()` and logs it as a warning.
     pub fn report_error(&self, message: String) {
         *lock(&self.last_error) = Some((message.clone(), unix_micros_now()));
@@ -200,6 +242,7 @@ impl StatusBoard {
             last_event_at: self.last_event_at.load(Ordering::Relaxed),
             last_error,
             last_error_at,
+            warnings: lock(&self.warnings).iter().flat_map(|(_, lines)| lines.iter().cloned()).collect(),
         }
     }
 }
@@ -238,6 +281,19 @@ mod tests {
         assert_eq!(snap.last_error.as_deref(), Some("boom"));
         assert_eq!(board.drain_log(), vec![LogLine { level: LogLevel::Warning, message: "boom".into() }]);
         assert!(board.drain_log().is_empty());
+    }
+
+    #[test]
+    fn warnings_replace_their_source_and_are_logged_once() {
+        let board = StatusBoard::new(Box::new(|| {}));
+        board.set_warnings(WarningSource::Streams, vec!["a".into()]);
+        board.set_warnings(WarningSource::Postgres, vec!["b".into()]);
+        board.set_warnings(WarningSource::Streams, vec!["a".into(), "c".into()]);
+        assert_eq!(board.snapshot().warnings, vec!["a", "c", "b"]);
+        let logged: Vec<String> = board.drain_log().into_iter().map(|l| l.message).collect();
+        assert_eq!(logged, vec!["a", "b", "c"]);
+        board.set_warnings(WarningSource::Streams, vec![]);
+        assert_eq!(board.snapshot().warnings, vec!["b"]);
     }
 
     #[test]

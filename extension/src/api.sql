@@ -1,19 +1,78 @@
 -- The SQL API of wal_listener (DESIGN.md section 6); runs last in the
 -- extension script, after the Rust functions it calls.
 
--- Filter sets, one row per change: the newest row is in force. The worker
--- meets each new row in the change stream and applies it from that commit
--- on; it records commit_lsn, so that after a restart it knows which set was
--- in force at the slot's position.
+-- Where capture starts: the WAL position when CREATE EXTENSION ran. Every
+-- change committed after it is published (the worker has its slot before
+-- this transaction commits), none before it. Not dumped: a restored
+-- database starts anew.
+CREATE TABLE capture_start (
+    lsn pg_lsn NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON capture_start FROM PUBLIC;
+INSERT INTO capture_start (lsn) VALUES (pg_current_wal_insert_lsn());
+-- Marks this transaction in the change stream, for a worker that streams
+-- the database before the extension exists.
+SELECT pg_logical_emit_message(true, 'wal_listener.created', '');
+
+-- Filter versions, one row per change: the newest is in force. Each
+-- version takes effect at the commit that wrote it: the worker meets that
+-- commit in the change stream (marked by the messages below) and applies
+-- the version there.
 CREATE TABLE config_changes (
     version bigint PRIMARY KEY,
-    filters jsonb NOT NULL,
-    commit_lsn pg_lsn,
     changed_at timestamptz NOT NULL DEFAULT now(),
     changed_by name NOT NULL DEFAULT session_user
 );
 REVOKE ALL ON config_changes FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('config_changes', '');
+
+-- The rules of each version. Tables are regclass, so a dump names them and
+-- a restore finds them again under their new OIDs.
+CREATE TABLE filter_rules (
+    version bigint NOT NULL,
+    tbl regclass NOT NULL,
+    actions text[] NOT NULL,
+    subject text,
+    PRIMARY KEY (version, tbl)
+);
+REVOKE ALL ON filter_rules FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('filter_rules', '');
+
+-- Writes each new version and rule into the change stream as a logical
+-- message: it reaches the worker whatever the publication contains, with
+-- the table's OID in this cluster (also for the rows a restore writes), and
+-- the worker needs no read of a transaction that may not be visible yet
+-- (with a synchronous standby, it is not until the worker confirms it).
+CREATE FUNCTION _announce_filter_change() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'config_changes' THEN
+        PERFORM pg_logical_emit_message(true, 'wal_listener.config', jsonb_build_object('version', NEW.version)::text);
+    ELSE
+        PERFORM pg_logical_emit_message(true, 'wal_listener.config',
+            jsonb_build_object('version', NEW.version, 'relid', NEW.tbl::oid::bigint, 'table', NEW.tbl::text,
+                               'actions', NEW.actions, 'subject', NEW.subject)::text);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER announce AFTER INSERT ON config_changes
+    FOR EACH ROW EXECUTE FUNCTION _announce_filter_change();
+CREATE TRIGGER announce AFTER INSERT ON filter_rules
+    FOR EACH ROW EXECUTE FUNCTION _announce_filter_change();
+
+-- Where each version took effect, written by the worker before it confirms
+-- anything past that commit, with the rules as it applied them: after a
+-- restart it starts with the version in force at the slot's position.
+-- Positions belong to this cluster's WAL: not dumped.
+CREATE TABLE applied_versions (
+    version bigint PRIMARY KEY,
+    commit_lsn pg_lsn NOT NULL,
+    rules jsonb NOT NULL
+);
+REVOKE ALL ON applied_versions FROM PUBLIC;
 
 -- Slots the worker has streamed from. One listed here but missing from
 -- pg_replication_slots was dropped: the worker then stops instead of
@@ -27,40 +86,52 @@ CREATE TABLE streamed_slots (
 REVOKE ALL ON streamed_slots FROM PUBLIC;
 
 CREATE VIEW filters AS
-    SELECT (f->>'relid')::oid::regclass AS "table",
-           ARRAY(SELECT jsonb_array_elements_text(f->'actions')) AS actions,
-           f->>'subject' AS subject
-      FROM (SELECT c.filters FROM @extschema@.config_changes c ORDER BY c.version DESC LIMIT 1) latest,
-           jsonb_array_elements(latest.filters) f;
+    SELECT r.tbl AS "table", r.actions, r.subject
+      FROM @extschema@.filter_rules r
+     WHERE r.version = (SELECT max(c.version) FROM @extschema@.config_changes c)
+       AND EXISTS (SELECT FROM pg_catalog.pg_class WHERE oid = r.tbl);
 COMMENT ON VIEW filters IS 'Filters in force; with no rows every table of the publication is published.';
 
--- Writes the next filter set: the current one without tbl (and without
--- dropped tables), plus `added`; returns whether tbl had a filter. An
--- advisory lock serializes writers, so version order is commit order; it
--- does not block the worker's commit_lsn updates.
-CREATE FUNCTION _write_filters(tbl regclass, added jsonb) RETURNS boolean
+-- The rules of version p_version without p_tbl (and without dropped
+-- tables), plus p_tbl's rule when p_add.
+CREATE FUNCTION _next_rules(p_version bigint, p_tbl regclass, p_add boolean, p_actions text[], p_subject text)
+RETURNS TABLE (tbl regclass, actions text[], subject text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.tbl, r.actions, r.subject FROM @extschema@.filter_rules r
+     WHERE r.version = p_version AND r.tbl <> p_tbl AND EXISTS (SELECT FROM pg_class c WHERE c.oid = r.tbl)
+    UNION ALL
+    SELECT p_tbl, p_actions, p_subject WHERE p_add
+$$;
+
+-- Writes the next version when it differs from the current one; returns
+-- whether p_tbl had a rule. An advisory lock serializes writers, so version
+-- order is commit order.
+CREATE FUNCTION _write_filters(p_tbl regclass, p_add boolean, p_actions text[], p_subject text) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_current jsonb;
-    v_next jsonb;
-    v_had_filter boolean;
+    v_current bigint;
+    v_had_rule boolean;
+    v_unchanged boolean;
 BEGIN
     PERFORM pg_advisory_xact_lock(7331000001);
-    SELECT c.filters INTO v_current FROM @extschema@.config_changes c ORDER BY c.version DESC LIMIT 1;
-    v_current := coalesce(v_current, '[]');
-    v_had_filter := EXISTS (SELECT FROM jsonb_array_elements(v_current) e WHERE (e->>'relid')::oid = tbl::oid);
-    SELECT coalesce(jsonb_agg(x.e ORDER BY (x.e->>'relid')::bigint), '[]') INTO v_next
-      FROM (SELECT e FROM jsonb_array_elements(v_current) e
-             WHERE (e->>'relid')::oid <> tbl::oid
-               AND EXISTS (SELECT FROM pg_class WHERE oid = (e->>'relid')::oid)
-            UNION ALL
-            SELECT added WHERE added IS NOT NULL) x;
-    IF v_next <> v_current THEN
-        INSERT INTO @extschema@.config_changes (version, filters)
-        SELECT coalesce(max(c.version), 0) + 1, v_next FROM @extschema@.config_changes c;
+    SELECT max(c.version) INTO v_current FROM @extschema@.config_changes c;
+    v_had_rule := EXISTS (SELECT FROM @extschema@.filter_rules r WHERE r.version = v_current AND r.tbl = p_tbl);
+    SELECT NOT EXISTS (
+               (SELECT r.tbl, r.actions, r.subject FROM @extschema@.filter_rules r WHERE r.version = v_current
+                EXCEPT SELECT * FROM @extschema@._next_rules(v_current, p_tbl, p_add, p_actions, p_subject))
+               UNION ALL
+               (SELECT * FROM @extschema@._next_rules(v_current, p_tbl, p_add, p_actions, p_subject)
+                EXCEPT SELECT r.tbl, r.actions, r.subject FROM @extschema@.filter_rules r WHERE r.version = v_current))
+      INTO v_unchanged;
+    IF NOT v_unchanged THEN
+        INSERT INTO @extschema@.config_changes (version) VALUES (coalesce(v_current, 0) + 1);
+        INSERT INTO @extschema@.filter_rules (version, tbl, actions, subject)
+            SELECT coalesce(v_current, 0) + 1, n.tbl, n.actions, n.subject
+              FROM @extschema@._next_rules(v_current, p_tbl, p_add, p_actions, p_subject) n;
     END IF;
-    RETURN v_had_filter;
+    RETURN v_had_rule;
 END
 $$;
 
@@ -91,8 +162,7 @@ BEGIN
     END IF;
     v_actions := @extschema@._normalize_actions(actions);
     PERFORM @extschema@._check_subject(subject);
-    PERFORM @extschema@._write_filters(
-        tbl, jsonb_build_object('relid', tbl::oid::bigint, 'actions', to_jsonb(v_actions), 'subject', subject));
+    PERFORM @extschema@._write_filters(tbl, true, v_actions, subject);
 END
 $$;
 COMMENT ON FUNCTION add_filter(regclass, text[], text) IS
@@ -105,7 +175,7 @@ BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'tbl must not be NULL; pass a table, e.g. ''public.orders''';
     END IF;
-    RETURN @extschema@._write_filters(tbl, NULL);
+    RETURN @extschema@._write_filters(tbl, false, NULL, NULL);
 END
 $$;
 COMMENT ON FUNCTION remove_filter(regclass) IS 'Removes the filter of tbl; true when there was one.';
@@ -158,12 +228,14 @@ CREATE FUNCTION status(
     OUT last_error text,
     OUT last_error_time timestamptz,
     OUT last_event_time timestamptz,
-    OUT started_at timestamptz)
+    OUT started_at timestamptz,
+    OUT warnings text[])
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     WITH here AS (
         SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn,
-               nullif(pg_size_bytes(current_setting('max_slot_wal_keep_size')), -1) AS retention_limit
+               nullif(pg_size_bytes(current_setting('max_slot_wal_keep_size')), -1) AS retention_limit,
+               @extschema@._sync_standby_warning(current_setting('synchronous_standby_names')) AS sync_warning
     )
     SELECT w.state,
            w.pid,
@@ -184,7 +256,10 @@ AS $$
                 ELSE w.last_error END,
            to_timestamp(w.last_error_at_us / 1e6),
            to_timestamp(w.last_event_at_us / 1e6),
-           to_timestamp(w.started_at_us / 1e6)
+           to_timestamp(w.started_at_us / 1e6),
+           -- Settings the worker reads once per session, and this one read now.
+           w.warnings || CASE WHEN h.sync_warning IS NULL OR h.sync_warning = ANY (w.warnings) THEN '{}'::text[]
+                              ELSE ARRAY[h.sync_warning] END
       FROM @extschema@._worker_status() w
      CROSS JOIN here h
       LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('wal_listener.slot_name')
@@ -196,8 +271,10 @@ COMMENT ON FUNCTION status() IS 'State of the wal_listener worker: one row.';
 -- refused by name ("permission denied for function add_filter").
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 REVOKE ALL ON FUNCTION add_filter(regclass, text[], text), remove_filter(regclass), restart(), reset_slot(),
-    _write_filters(regclass, jsonb), _request_restart(), _normalize_actions(text[]), _check_subject(text),
-    _worker_status(), status() FROM PUBLIC;
+    _write_filters(regclass, boolean, text[], text), _next_rules(bigint, regclass, boolean, text[], text),
+    _announce_filter_change(), _request_restart(),
+    _normalize_actions(text[]), _check_subject(text), _sync_standby_warning(text), _worker_status(), status()
+    FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION status() TO pg_monitor;
 REVOKE ALL ON filters FROM PUBLIC;
 GRANT SELECT ON filters TO pg_monitor;

@@ -7,7 +7,7 @@ use pgrx::pg_guard;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use wal_listener_core::config::{
-    InjectedFault, NatsAuth, NatsTls, OversizePolicy, PipelineConfig, PublishConfig, SourceConfig,
+    redact_url, NatsAuth, NatsTls, OversizePolicy, PipelineConfig, PublishConfig, SourceConfig,
 };
 
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -20,6 +20,8 @@ static TOPIC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(S
 static TOPIC_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static CREATE_STREAM: GucSetting<bool> = GucSetting::<bool>::new(true);
 static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(4096);
+/// In kB (the GUC unit), so that values up to 2 TB fit an int GUC.
+static MAX_IN_FLIGHT_BYTES_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 static NATS_USER: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static NATS_PASSWORD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static NATS_TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -32,6 +34,7 @@ static NATS_TLS_REQUIRED: GucSetting<bool> = GucSetting::<bool>::new(false);
 static OVERSIZE_POLICY: GucSetting<OversizeSetting> =
     GucSetting::<OversizeSetting>::new(OversizeSetting::Error);
 static HEARTBEAT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+#[cfg(feature = "fault-injection")]
 static INJECT_FAULT: GucSetting<FaultSetting> = GucSetting::<FaultSetting>::new(FaultSetting::None);
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Debug)]
@@ -42,7 +45,8 @@ enum OversizeSetting {
     Skip,
 }
 
-/// For tests only (hidden from SHOW ALL and the sample file).
+/// For tests only: built with the `fault-injection` feature, hidden from SHOW ALL.
+#[cfg(feature = "fault-injection")]
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Debug)]
 enum FaultSetting {
     #[name = c"none"]
@@ -53,6 +57,8 @@ enum FaultSetting {
     UnknownMessage,
     #[name = c"undescribed_relation"]
     UndescribedRelation,
+    #[name = c"supervisor_panic"]
+    SupervisorPanic,
     /// A panic on the worker's main thread, the one that calls Postgres.
     #[name = c"host_panic"]
     HostPanic,
@@ -86,7 +92,20 @@ pub fn register() {
         &ROLE,
         GucContext::Postmaster,
     );
-    string(c"wal_listener.nats_url", c"Comma-separated NATS server URLs.", &NATS_URL, GucContext::Sighup);
+    // Shown with the password of user:password@ masked, as in the log.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"wal_listener.nats_url",
+            c"Comma-separated NATS server URLs.",
+            c"",
+            &NATS_URL,
+            GucContext::Sighup,
+            GucFlags::default(),
+            None,
+            None,
+            Some(show_nats_url),
+        )
+    };
     string(
         c"wal_listener.topic",
         c"First subject token and JetStream stream name.",
@@ -116,6 +135,16 @@ pub fn register() {
         1_000_000,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"wal_listener.max_in_flight_bytes",
+        c"Cap on the payload bytes of publishes awaiting their JetStream acknowledgement.",
+        c"The read-ahead of received changes is a quarter of it.",
+        &MAX_IN_FLIGHT_BYTES_KB,
+        1024,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
     );
     string(
         c"wal_listener.nats_user",
@@ -187,6 +216,7 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    #[cfg(feature = "fault-injection")]
     GucRegistry::define_enum_guc(
         c"wal_listener.inject_fault",
         c"Injects a fault into the worker, for tests of its error handling. Never set it in production.",
@@ -206,6 +236,20 @@ fn masked(setting: &GucSetting<Option<CString>>) -> *const c_char {
     } else {
         c"".as_ptr()
     }
+}
+
+thread_local! {
+    /// The text SHOW prints for nats_url; Postgres copies it right away.
+    static SHOWN_NATS_URL: std::cell::RefCell<CString> = std::cell::RefCell::new(CString::default());
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn show_nats_url() -> *const c_char {
+    let shown = CString::new(redact_url(&text(&NATS_URL))).unwrap_or_default();
+    SHOWN_NATS_URL.with(|cell| {
+        *cell.borrow_mut() = shown;
+        cell.borrow().as_ptr()
+    })
 }
 
 #[pg_guard]
@@ -247,6 +291,7 @@ fn publish_config() -> PublishConfig {
         topic_prefix: text(&TOPIC_PREFIX),
         create_stream: CREATE_STREAM.get(),
         max_in_flight: usize::try_from(MAX_IN_FLIGHT.get()).unwrap_or(1),
+        max_in_flight_bytes: usize::try_from(MAX_IN_FLIGHT_BYTES_KB.get()).unwrap_or(1024) * 1024,
         auth: NatsAuth {
             user: text(&NATS_USER),
             password: text(&NATS_PASSWORD),
@@ -271,16 +316,22 @@ fn publish_config() -> PublishConfig {
 pub fn pipeline_config(source: SourceConfig) -> PipelineConfig {
     let mut config = PipelineConfig::new(source, publish_config());
     config.heartbeat_interval = Duration::from_secs(HEARTBEAT_INTERVAL_S.get().max(0) as u64);
-    config.inject_fault = match INJECT_FAULT.get() {
-        FaultSetting::Panic => Some(InjectedFault::Panic),
-        FaultSetting::UnknownMessage => Some(InjectedFault::UnknownMessage),
-        FaultSetting::UndescribedRelation => Some(InjectedFault::UndescribedRelation),
-        FaultSetting::None | FaultSetting::HostPanic => None,
-    };
+    #[cfg(feature = "fault-injection")]
+    {
+        use wal_listener_core::failpoints::InjectedFault;
+        config.inject_fault = match INJECT_FAULT.get() {
+            FaultSetting::Panic => Some(InjectedFault::Panic),
+            FaultSetting::UnknownMessage => Some(InjectedFault::UnknownMessage),
+            FaultSetting::UndescribedRelation => Some(InjectedFault::UndescribedRelation),
+            FaultSetting::SupervisorPanic => Some(InjectedFault::SupervisorPanic),
+            FaultSetting::None | FaultSetting::HostPanic => None,
+        };
+    }
     config
 }
 
 /// `wal_listener.inject_fault = host_panic`: the worker's main thread should panic.
+#[cfg(feature = "fault-injection")]
 pub fn host_panic_injected() -> bool {
     INJECT_FAULT.get() == FaultSetting::HostPanic
 }

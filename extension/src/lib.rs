@@ -4,6 +4,7 @@
 
 use pgrx::prelude::*;
 
+mod create_extension;
 mod gucs;
 mod shmem;
 mod sql_api;
@@ -20,6 +21,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
         worker::register();
+        create_extension::install();
     }
 }
 

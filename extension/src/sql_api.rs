@@ -3,7 +3,7 @@
 //! are SQL, in `api.sql`.
 
 use pgrx::prelude::*;
-use wal_listener_core::filters;
+use wal_listener_core::{audit, filters};
 
 use crate::shmem;
 
@@ -31,6 +31,13 @@ fn _check_subject(subject: Option<&str>) {
     }
 }
 
+/// The setup audit's warning when `synchronous_standby_names` (the value
+/// given) makes the worker's walsender a synchronous standby; NULL otherwise.
+#[pg_extern(immutable, parallel_safe)]
+fn _sync_standby_warning(setting: &str) -> Option<String> {
+    audit::sync_standby_warning(setting, wal_listener_core::replication::connection::STREAM_APPLICATION_NAME)
+}
+
 /// Asks the worker to reconnect and resume from the slot; returns at once.
 #[pg_extern(volatile)]
 fn _request_restart() -> bool {
@@ -54,6 +61,7 @@ fn _worker_status() -> TableIterator<
         name!(last_error, Option<String>),
         name!(last_error_at_us, Option<i64>),
         name!(started_at_us, Option<i64>),
+        name!(warnings, Vec<String>),
     ),
 > {
     let row = match shmem::read() {
@@ -69,6 +77,7 @@ fn _worker_status() -> TableIterator<
             s.last_error,
             s.last_error_at,
             s.started_at,
+            s.warnings,
         ),
         None => (
             "stopped".to_string(),
@@ -84,6 +93,7 @@ fn _worker_status() -> TableIterator<
             ),
             None,
             None,
+            Vec::new(),
         ),
     };
     TableIterator::once(row)

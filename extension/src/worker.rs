@@ -43,7 +43,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
     // and the loopback connection does the rest.
     BackgroundWorker::connect_worker_to_spi(None, None);
     let pid = unsafe { pg_sys::MyProcPid };
-    let mut restarts_seen = shmem::worker_started(pid, unix_micros_now());
+    let mut requests_seen = shmem::worker_started(pid, unix_micros_now());
 
     let role = gucs::role().unwrap_or_else(bootstrap_superuser);
     let source = SourceConfig {
@@ -70,8 +70,13 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
     let (config_tx, config_rx) = watch::channel(gucs::pipeline_config(source.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let restart = Arc::new(Notify::new());
-    let supervisor =
-        runtime.spawn(pipeline::run_supervised(config_rx, board.clone(), restart.clone(), shutdown_rx));
+    let retry_now = Arc::new(Notify::new());
+    let supervisor = runtime.spawn(pipeline::run_supervised(
+        config_rx,
+        board.clone(),
+        pipeline::Requests { restart: restart.clone(), retry_now: retry_now.clone() },
+        shutdown_rx,
+    ));
 
     loop {
         let events = unsafe {
@@ -107,14 +112,22 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
                 changed
             });
         }
+        #[cfg(feature = "fault-injection")]
         if gucs::host_panic_injected() {
             panic!("injected by wal_listener.inject_fault = host_panic");
         }
         write_log(&board);
-        let restarts_requested = shmem::publish(&board.snapshot());
-        if restarts_requested != restarts_seen {
-            restarts_seen = restarts_requested;
+        let requests = shmem::publish(&board.snapshot());
+        if requests.restart != requests_seen.restart {
             restart.notify_one();
+        }
+        if requests.slot != requests_seen.slot {
+            retry_now.notify_one();
+        }
+        requests_seen = requests;
+        if supervisor.is_finished() {
+            // Never leave a status that no task updates any more.
+            error!("wal_listener: the pipeline supervisor ended unexpectedly; restarting the worker");
         }
     }
 

@@ -48,7 +48,9 @@ pub enum ValueKind {
 }
 
 impl ValueKind {
-    /// The kind of a built-in type; `None` for types the catalog must tell.
+    /// The kind of a built-in scalar type whose JSON form is not text;
+    /// `None` for every other type, arrays included: the catalog tells
+    /// those (an array's element type and delimiter are in `pg_type`).
     pub fn builtin(type_oid: u32) -> Option<ValueKind> {
         Some(match type_oid {
             oid::BOOL => ValueKind::Bool,
@@ -57,75 +59,9 @@ impl ValueKind {
             oid::JSON | oid::JSONB => ValueKind::Json,
             oid::TIMESTAMPTZ => ValueKind::Timestamptz,
             oid::BYTEA => ValueKind::Bytea,
-            _ => match builtin_array_element(type_oid) {
-                Some((element, delimiter)) => ValueKind::Array {
-                    element: Box::new(ValueKind::builtin(element).unwrap_or(ValueKind::Text)),
-                    delimiter,
-                },
-                // Every other built-in type (OIDs below 16384) is text.
-                None if type_oid < FIRST_NORMAL_OBJECT_ID => ValueKind::Text,
-                None => return None,
-            },
+            _ => return None,
         })
     }
-}
-
-/// OIDs below this are assigned by initdb (`FirstNormalObjectId`).
-const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
-
-/// Element type and delimiter of the built-in array types (`pg_type.dat`:
-/// array oid, `typelem`, `typdelim`).
-fn builtin_array_element(array_oid: u32) -> Option<(u32, u8)> {
-    Some(match array_oid {
-        1000 => (16, b','),   // bool
-        1001 => (17, b','),   // bytea
-        1002 => (18, b','),   // char
-        1003 => (19, b','),   // name
-        1016 => (20, b','),   // int8
-        1005 => (21, b','),   // int2
-        1007 => (23, b','),   // int4
-        1009 => (25, b','),   // text
-        1028 => (26, b','),   // oid
-        199 => (114, b','),   // json
-        143 => (142, b','),   // xml
-        1017 => (600, b','),  // point
-        1018 => (601, b','),  // lseg
-        1019 => (602, b','),  // path
-        1020 => (603, b';'),  // box
-        1027 => (604, b','),  // polygon
-        629 => (628, b','),   // line
-        651 => (650, b','),   // cidr
-        1021 => (700, b','),  // float4
-        1022 => (701, b','),  // float8
-        719 => (718, b','),   // circle
-        791 => (790, b','),   // money
-        1040 => (829, b','),  // macaddr
-        775 => (774, b','),   // macaddr8
-        1041 => (869, b','),  // inet
-        1014 => (1042, b','), // bpchar
-        1015 => (1043, b','), // varchar
-        1182 => (1082, b','), // date
-        1183 => (1083, b','), // time
-        1115 => (1114, b','), // timestamp
-        1185 => (1184, b','), // timestamptz
-        1187 => (1186, b','), // interval
-        1270 => (1266, b','), // timetz
-        1561 => (1560, b','), // bit
-        1563 => (1562, b','), // varbit
-        1231 => (1700, b','), // numeric
-        2951 => (2950, b','), // uuid
-        3643 => (3614, b','), // tsvector
-        3645 => (3615, b','), // tsquery
-        3807 => (3802, b','), // jsonb
-        4073 => (4072, b','), // jsonpath
-        3905 => (3904, b','), // int4range
-        3907 => (3906, b','), // numrange
-        3909 => (3908, b','), // tsrange
-        3911 => (3910, b','), // tstzrange
-        3913 => (3912, b','), // daterange
-        3927 => (3926, b','), // int8range
-        _ => return None,
-    })
 }
 
 /// One `pg_type` row, as the catalog lookup returns it.
@@ -134,14 +70,16 @@ pub struct TypeRow {
     pub oid: u32,
     /// `typtype`: b base, c composite, d domain, e enum, p pseudo, r range, m multirange.
     pub typtype: u8,
-    /// `typelem` when the type is an array (`typcategory` A), else 0.
+    /// `typelem` when the type is an array, else 0.
     pub array_element: u32,
+    /// The delimiter between elements in its text output: the element
+    /// type's `typdelim` for an array (`;` for box, `,` for the rest).
     pub typdelim: u8,
     /// `typbasetype` of a domain, else 0.
     pub domain_base: u32,
 }
 
-/// Kinds of user-defined types, learnt from the catalog.
+/// Kinds of the types that are not built-in scalars, learnt from the catalog.
 #[derive(Debug, Default)]
 pub struct TypeCatalog {
     learnt: HashMap<u32, ValueKind>,
@@ -154,7 +92,7 @@ impl TypeCatalog {
             .unwrap_or(ValueKind::Text)
     }
 
-    /// Types among `oids` that need a catalog lookup.
+    /// Types among `oids` that need a catalog lookup (once per session).
     pub fn unknown(&self, oids: impl Iterator<Item = u32>) -> Vec<u32> {
         let mut unknown: Vec<u32> =
             oids.filter(|o| ValueKind::builtin(*o).is_none() && !self.learnt.contains_key(o)).collect();
@@ -164,7 +102,7 @@ impl TypeCatalog {
     }
 
     /// Learns the kinds of `rows`, which hold every type they refer to
-    /// (domain bases, array elements) that is not built in.
+    /// (domain bases, array elements).
     pub fn learn(&mut self, rows: &[TypeRow]) {
         let by_oid: HashMap<u32, &TypeRow> = rows.iter().map(|r| (r.oid, r)).collect();
         for row in rows {
@@ -175,7 +113,7 @@ impl TypeCatalog {
 }
 
 /// A domain maps like its base type, an array like its elements; enums,
-/// composites, ranges and the rest are text. Depth-limited against cycles.
+/// composites, ranges and every other type are text. Depth-limited against cycles.
 fn resolve(type_oid: u32, rows: &HashMap<u32, &TypeRow>, depth: u32) -> ValueKind {
     if let Some(kind) = ValueKind::builtin(type_oid) {
         return kind;
@@ -279,7 +217,7 @@ mod tests {
         /// passed through (numbers, json) gives valid JSON.
         #[test]
         fn any_value_is_encoded_without_panic(type_oid in prop::sample::select(vec![16u32, 17, 25, 1000, 1007, 1009, 1184, 1185, 3807, 1700, 20, 701]), text in ".*") {
-            let kind = TypeCatalog::default().kind(type_oid);
+            let kind = catalog().kind(type_oid);
             let mut out = Vec::new();
             write_value(&mut out, &kind, &text);
             let passed_through = matches!(kind, ValueKind::Integer | ValueKind::Float | ValueKind::Json)
@@ -291,9 +229,48 @@ mod tests {
         }
     }
 
+    /// A catalog that learnt some built-in array types, as the lookup
+    /// returns them (`pg_type`: array oid, element oid, element delimiter).
+    fn catalog() -> TypeCatalog {
+        let arrays: [(u32, u32, u8); 12] = [
+            (1000, 16, b','),
+            (1001, 17, b','),
+            (1007, 23, b','),
+            (1009, 25, b','),
+            (1016, 20, b','),
+            (1020, 603, b';'),
+            (1022, 701, b','),
+            (1185, 1184, b','),
+            (1231, 1700, b','),
+            (3807, 3802, b','),
+            (2210, 2205, b','), // regclass[]
+            (3221, 3220, b','), // pg_lsn[]
+        ];
+        let mut rows: Vec<TypeRow> = arrays
+            .iter()
+            .map(|&(oid, element, typdelim)| TypeRow {
+                oid,
+                typtype: b'b',
+                array_element: element,
+                typdelim,
+                domain_base: 0,
+            })
+            .collect();
+        rows.extend([25, 603, 1700, 2205, 3220].map(|oid| TypeRow {
+            oid,
+            typtype: b'b',
+            array_element: 0,
+            typdelim: if oid == 603 { b';' } else { b',' },
+            domain_base: 0,
+        }));
+        let mut catalog = TypeCatalog::default();
+        catalog.learn(&rows);
+        catalog
+    }
+
     fn value(type_oid: u32, text: &str) -> String {
         let mut out = Vec::new();
-        write_value(&mut out, &TypeCatalog::default().kind(type_oid), text);
+        write_value(&mut out, &catalog().kind(type_oid), text);
         String::from_utf8(out).unwrap()
     }
 
@@ -325,7 +302,7 @@ mod tests {
             domain_base,
         };
         let mut catalog = TypeCatalog::default();
-        assert_eq!(catalog.unknown([23, 16400, 16401, 16400].into_iter()), vec![16400, 16401]);
+        assert_eq!(catalog.unknown([23, 25, 16400, 16401, 16400].into_iter()), vec![25, 16400, 16401]);
         catalog.learn(&[
             row(16400, b'd', 0, 23),    // domain over int4
             row(16401, b'b', 16400, 0), // its array
@@ -370,6 +347,10 @@ mod tests {
         assert_eq!(value(1007, "[0:1]={5,6}"), "[5,6]");
         assert_eq!(value(1020, "{(1,1),(0,0);(2,2),(1,1)}"), r#"["(1,1),(0,0)","(2,2),(1,1)"]"#);
         assert_eq!(value(1007, "not an array"), r#""not an array""#);
+        // Arrays of types outside any hand-written list: elements from the catalog.
+        assert_eq!(value(2210, "{pg_class,public.t}"), r#"["pg_class","public.t"]"#);
+        assert_eq!(value(3221, "{0/16B3748,NULL}"), r#"["0/16B3748",null]"#);
+        assert_eq!(TypeCatalog::default().kind(1007), ValueKind::Text, "unknown until the catalog tells");
     }
 
     #[test]

@@ -1,23 +1,29 @@
 //! Publishing events to NATS JetStream: connect, make sure the stream
-//! exists, publish with `Nats-Msg-Id`, and collect the PubAcks.
+//! exists, learn which stream stores which subject, publish with
+//! `Nats-Msg-Id`, and collect the PubAcks.
 //!
 //! PubAcks come back on one wildcard subscription (`<inbox>.<sequence>`)
 //! instead of async-nats' request/reply per message, which would cost a
 //! oneshot channel, a multiplexer entry, a timer and a boxed future for
-//! every event. [`InFlight`] tracks what is still unacked.
+//! every event. [`crate::ack_tracker::AckTracker`] tracks what is unacked.
 
-use std::collections::VecDeque;
+pub mod pub_ack;
+pub mod streams;
+pub mod tls;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use async_nats::{HeaderMap, StatusCode, Subject, Subscriber};
+use async_nats::{HeaderMap, Subject, Subscriber};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 
-use crate::config::PublishConfig;
+use crate::config::{redact_url, url_credentials, PublishConfig, UrlCredentials};
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;
+pub use pub_ack::Reply;
+use streams::StreamMap;
 
 /// How long to wait for a connection, and for one PubAck.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,9 +31,11 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Publisher {
     client: async_nats::Client,
+    js: jetstream::Context,
     /// PubAcks, on `<reply_prefix><sequence>`.
     acks: Subscriber,
     reply_prefix: String,
+    streams: StreamMap,
 }
 
 /// What became of one publish.
@@ -39,7 +47,8 @@ pub enum Sent {
 }
 
 impl Publisher {
-    /// Connects and ensures the stream `<topic>` exists (creating it when allowed).
+    /// Connects, ensures the stream `<topic>` exists (creating it when
+    /// allowed) and reads which stream stores which subject.
     pub async fn connect(cfg: &PublishConfig, board: &Arc<StatusBoard>) -> Result<Self, Error> {
         let events_board = board.clone();
         let client = connect_options(cfg)
@@ -64,12 +73,28 @@ impl Publisher {
         board.set_nats_connected(true);
         let js = jetstream::context::ContextBuilder::new().timeout(ACK_TIMEOUT).build(client.clone());
         ensure_stream(&js, cfg, board).await?;
+        let streams = list_streams(&js).await?;
         let reply_prefix = format!("{}.", client.new_inbox());
         let acks = client
             .subscribe(format!("{reply_prefix}*"))
             .await
             .map_err(|e| Error::Nats(format!("subscribing to PubAcks: {e}")))?;
-        Ok(Publisher { client, acks, reply_prefix })
+        Ok(Publisher { client, js, acks, reply_prefix, streams })
+    }
+
+    /// Reads the streams again (after a filter change brought new subjects).
+    pub async fn refresh_streams(&mut self) -> Result<(), Error> {
+        self.streams = list_streams(&self.js).await?;
+        Ok(())
+    }
+
+    /// The stream that stores `subject`, as read at connect or the last refresh.
+    pub fn stream_for(&self, subject: &str) -> Option<Arc<str>> {
+        self.streams.stream_for(subject)
+    }
+
+    pub fn streams(&self) -> &StreamMap {
+        &self.streams
     }
 
     /// Sends one event; its PubAck arrives through [`next_ack`](Self::next_ack)
@@ -93,9 +118,14 @@ impl Publisher {
         }
     }
 
-    /// Waits for the next PubAck: the sequence it answers, and whether
-    /// JetStream stored the event (else why not). Cancellation-safe.
-    pub async fn next_ack(&mut self) -> Result<(u64, Result<(), String>), Error> {
+    /// Sends what the client has buffered.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.client.flush().await.map_err(|e| Error::Nats(format!("flushing publishes: {e}")))
+    }
+
+    /// Waits for the next reply on the PubAck inbox: the sequence it
+    /// answers and what it says. Cancellation-safe.
+    pub async fn next_ack(&mut self) -> Result<(u64, Reply), Error> {
         let message =
             self.acks.next().await.ok_or_else(|| Error::Nats("PubAck subscription closed".into()))?;
         let sequence = message
@@ -103,112 +133,34 @@ impl Publisher {
             .strip_prefix(self.reply_prefix.as_str())
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::Nats(format!("PubAck on unexpected subject {}", message.subject)))?;
-        Ok((sequence, check_pub_ack(message.status, &message.payload)))
+        Ok((sequence, pub_ack::parse(message.status, &message.payload)))
     }
 }
 
-/// Whether a PubAck says the message is stored (or was a duplicate). Only
-/// a failure is parsed: a success is `{"stream":…,"seq":…}`.
-fn check_pub_ack(status: Option<StatusCode>, payload: &[u8]) -> Result<(), String> {
-    if status == Some(StatusCode::NO_RESPONDERS) {
-        return Err("no JetStream stream stores its subject: create one or set \
-                    wal_listener.create_stream = on"
-            .into());
-    }
-    if let Some(status) = status.filter(|s| !s.is_success()) {
-        return Err(format!("NATS status {status}"));
-    }
-    if !payload.windows(8).any(|w| w == b"\"error\":") {
-        return Ok(());
-    }
-    match serde_json::from_slice::<serde_json::Value>(payload) {
-        Ok(answer) => {
-            let error = &answer["error"];
-            Err(format!("JetStream error {}: {}", error["code"], error["description"].as_str().unwrap_or("")))
-        }
-        Err(_) => Err(format!("JetStream answered {:?}", String::from_utf8_lossy(payload))),
-    }
-}
-
-/// Publishes awaiting their PubAck, by sequence; the oldest decides
-/// whether the acks are late. Acks may arrive out of order (streams differ).
-#[derive(Debug, Default)]
-pub struct InFlight {
-    /// Sequence of `pending[0]`; everything before it is acked.
-    first: u64,
-    /// Each publish: when it was sent, its subject, whether it is acked.
-    pending: VecDeque<Pending>,
-}
-
-#[derive(Debug)]
-struct Pending {
-    sent: Instant,
-    subject: Subject,
-    acked: bool,
-}
-
-impl InFlight {
-    /// Starts counting at `first`: the sequence of the next publish.
-    pub fn new(first: u64) -> Self {
-        InFlight { first, pending: VecDeque::new() }
-    }
-
-    pub fn len(&self) -> usize {
-        self.pending.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
-    /// The oldest sequence not acked yet: every publish before it is.
-    pub fn next_unacked(&self) -> u64 {
-        self.first
-    }
-
-    /// The sequence the next publish gets.
-    pub fn next_sequence(&self) -> u64 {
-        self.first + self.pending.len() as u64
-    }
-
-    pub fn sent(&mut self, subject: Subject, now: Instant) {
-        self.pending.push_back(Pending { sent: now, subject, acked: false });
-    }
-
-    /// Subject of an unacked publish.
-    pub fn subject(&self, sequence: u64) -> Option<&Subject> {
-        let index = sequence.checked_sub(self.first)?;
-        self.pending.get(usize::try_from(index).ok()?).map(|p| &p.subject)
-    }
-
-    /// Records the ack of `sequence`; returns how many publishes, counted
-    /// from the oldest, are now acked without a gap (0 when this ack fills
-    /// no gap at the front). Unknown and repeated sequences change nothing.
-    pub fn acked(&mut self, sequence: u64) -> u64 {
-        let Some(index) = sequence.checked_sub(self.first) else { return 0 };
-        match self.pending.get_mut(index as usize) {
-            Some(pending) => pending.acked = true,
-            None => return 0,
-        }
-        let mut done = 0;
-        while self.pending.front().is_some_and(|pending| pending.acked) {
-            self.pending.pop_front();
-            done += 1;
-        }
-        self.first += done;
-        done
-    }
-
-    /// When the oldest unacked publish was sent, and its subject.
-    pub fn oldest(&self) -> Option<(Instant, &Subject)> {
-        self.pending.front().map(|pending| (pending.sent, &pending.subject))
-    }
+/// Every stream of the account with the subjects it stores.
+async fn list_streams(js: &jetstream::Context) -> Result<StreamMap, Error> {
+    let infos: Vec<stream::Info> = js
+        .streams()
+        .try_collect()
+        .await
+        .map_err(|e| Error::Nats(format!("listing JetStream streams: {e}")))?;
+    Ok(StreamMap::new(infos.into_iter().map(|info| (info.config.name, info.config.subjects))))
 }
 
 /// Authentication and TLS from the config; reads the key files now.
 async fn connect_options(cfg: &PublishConfig) -> Result<async_nats::ConnectOptions, Error> {
     let (auth, tls) = (&cfg.auth, &cfg.tls);
     let mut options = async_nats::ConnectOptions::new();
+    // Settings win over credentials in the URL.
+    match url_credentials(&cfg.nats_url) {
+        Some(UrlCredentials::UserPassword(user, password)) if auth.user.is_empty() => {
+            options = options.user_and_password(user, password);
+        }
+        Some(UrlCredentials::Token(token)) if auth.token.is_empty() && auth.user.is_empty() => {
+            options = options.token(token);
+        }
+        _ => {}
+    }
     if !auth.token.is_empty() {
         options = options.token(auth.token.clone());
     }
@@ -227,11 +179,13 @@ async fn connect_options(cfg: &PublishConfig) -> Result<async_nats::ConnectOptio
         options = options.nkey(seed.trim().to_owned());
     }
     if !tls.ca_file.is_empty() {
+        tls::check_ca_file(&tls.ca_file).map_err(Error::Nats)?;
         options = options.add_root_certificates(tls.ca_file.clone().into());
     }
     match (tls.cert_file.is_empty(), tls.key_file.is_empty()) {
         (true, true) => {}
         (false, false) => {
+            tls::check_client_certificate(&tls.cert_file, &tls.key_file).map_err(Error::Nats)?;
             options =
                 options.add_client_certificate(tls.cert_file.clone().into(), tls.key_file.clone().into())
         }
@@ -269,7 +223,7 @@ fn connect_error(cfg: &PublishConfig, e: async_nats::ConnectError) -> Error {
         ConnectErrorKind::TimedOut | ConnectErrorKind::Io => "; is nats-server running and reachable?",
         _ => "",
     };
-    Error::Nats(format!("cannot connect to {}: {text}{hint}", cfg.nats_url))
+    Error::Nats(format!("cannot connect to {}: {text}{hint}", redact_url(&cfg.nats_url)))
 }
 
 async fn ensure_stream(
@@ -279,24 +233,7 @@ async fn ensure_stream(
 ) -> Result<(), Error> {
     let our_subjects = format!("{}.>", cfg.topic);
     match js.get_stream(&cfg.topic).await {
-        Ok(mut existing) => {
-            let info = existing
-                .info()
-                .await
-                .map_err(|e| Error::Nats(format!("reading stream {}: {e}", cfg.topic)))?;
-            let subjects = &info.config.subjects;
-            if !subjects.iter().any(|s| s == &our_subjects || s == ">") {
-                board.log(
-                    LogLevel::Warning,
-                    format!(
-                        "stream {} has subjects {subjects:?}, which may not cover {our_subjects}; \
-                         events on uncovered subjects will fail to publish",
-                        cfg.topic
-                    ),
-                );
-            }
-            Ok(())
-        }
+        Ok(_) => Ok(()),
         Err(e) if is_stream_not_found(&e) => {
             if !cfg.create_stream {
                 return Err(Error::Nats(format!(
@@ -322,42 +259,4 @@ async fn ensure_stream(
 fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
     matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
         if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn in_flight_counts_acks_without_gaps_from_the_oldest() {
-        let now = Instant::now();
-        let mut in_flight = InFlight::new(10);
-        for table in ["a", "b", "c", "d"] {
-            in_flight.sent(Subject::from(format!("wal_listener.public_{table}")), now);
-        }
-        assert_eq!(in_flight.subject(11).map(|s| s.as_str()), Some("wal_listener.public_b"));
-        assert_eq!(in_flight.next_sequence(), 14);
-        assert_eq!(in_flight.acked(11), 0, "10 is still missing");
-        assert_eq!(in_flight.acked(11), 0, "repeats change nothing");
-        assert_eq!(in_flight.acked(10), 2);
-        assert_eq!(in_flight.acked(9), 0, "already counted");
-        assert_eq!(in_flight.acked(99), 0, "never sent");
-        assert_eq!((in_flight.len(), in_flight.next_sequence()), (2, 14));
-        assert_eq!(in_flight.acked(13), 0);
-        assert_eq!(in_flight.acked(12), 2);
-        assert!(in_flight.is_empty() && in_flight.oldest().is_none());
-    }
-
-    #[test]
-    fn pub_acks_succeed_unless_they_carry_an_error() {
-        assert_eq!(check_pub_ack(None, br#"{"stream":"wal_listener","seq":7}"#), Ok(()));
-        assert_eq!(check_pub_ack(None, br#"{"stream":"wal_listener","seq":7,"duplicate":true}"#), Ok(()));
-        let failure = br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#;
-        assert_eq!(
-            check_pub_ack(None, failure),
-            Err("JetStream error 503: maximum messages exceeded".into())
-        );
-        let no_stream = check_pub_ack(Some(StatusCode::NO_RESPONDERS), b"").unwrap_err();
-        assert!(no_stream.contains("no JetStream stream"), "{no_stream}");
-    }
 }

@@ -1,0 +1,506 @@
+//! One publishing session: receive pgoutput, decode, filter, encode,
+//! publish, collect PubAcks, and confirm what [`AckTracker`] allows.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::Subject;
+use bytes::Bytes;
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+
+use super::read_ahead::ReadAhead;
+use crate::ack_tracker::AckTracker;
+use crate::config::{OversizePolicy, PipelineConfig, SourceConfig};
+use crate::event::{
+    default_subject, describe_row, encode_event, Action, EventIds, Position, RowChange, TypeCatalog,
+    ValueKind,
+};
+use crate::filters::{Decision, FilterChange, Filters};
+use crate::pgoutput::{self, Begin, Message, OldTuple, RelationCache, TupleData};
+use crate::publish::streams::default_subject_probe;
+use crate::publish::{Publisher, Reply, Sent, ACK_TIMEOUT};
+use crate::replication::config_store::{self, FilterVersion};
+use crate::replication::{self, catalog};
+use crate::status::{LogLevel, StatusBoard, WarningSource};
+use crate::{Error, Lsn};
+
+/// How often the oldest unacked publish is checked against ACK_TIMEOUT.
+const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where the events of one table go: the subject, and the stream that
+/// stores it as read at connect (its PubAcks must name that stream).
+#[derive(Debug)]
+pub struct Route {
+    pub subject: Subject,
+    pub stream: Option<Arc<str>>,
+}
+
+/// Where a publishing session starts.
+pub struct Start {
+    pub client: ReplicationClient,
+    pub system_identifier: u64,
+    /// The slot's confirmed position.
+    pub confirmed: Lsn,
+    /// Transactions committed before this position are never published.
+    pub capture_from: Lsn,
+    /// The filters in force at `confirmed`.
+    pub filters: FilterVersion,
+}
+
+/// The transaction being received.
+struct Transaction {
+    begin: Begin,
+    /// Index of the next change, counted before any filtering.
+    next_ordinal: u32,
+    /// Committed before CREATE EXTENSION: not published.
+    before_capture: bool,
+    /// Filter versions this transaction wrote; the newest is in force from its commit.
+    filter_change: Option<FilterChange>,
+}
+
+pub struct Streamer {
+    client: ReplicationClient,
+    publisher: Publisher,
+    board: Arc<StatusBoard>,
+    source: SourceConfig,
+    ids: EventIds,
+    topic: String,
+    topic_prefix: String,
+    max_in_flight: usize,
+    max_in_flight_bytes: usize,
+    oversize_policy: OversizePolicy,
+    #[cfg(feature = "fault-injection")]
+    inject_fault: Option<crate::failpoints::InjectedFault>,
+    capture_from: Lsn,
+    relations: RelationCache,
+    /// How each relation's columns map to JSON, by relation id.
+    kinds: HashMap<u32, Vec<ValueKind>>,
+    catalog: TypeCatalog,
+    /// Route per relation id, after filters; cleared when either changes.
+    routes: HashMap<u32, Arc<Route>>,
+    filters: Filters,
+    /// Number of the filter version in force (0: none yet).
+    filter_version: i64,
+    transaction: Option<Transaction>,
+    tracker: AckTracker<Arc<Route>>,
+    read_ahead: ReadAhead,
+    /// Replies on the PubAck inbox that were not PubAcks (a core subscriber answered).
+    foreign_replies: u64,
+    /// Size of the last event, to allocate the next one once.
+    last_event_len: usize,
+}
+
+impl Streamer {
+    pub fn new(start: Start, publisher: Publisher, cfg: &PipelineConfig, board: Arc<StatusBoard>) -> Self {
+        let max_in_flight_bytes = cfg.publish.max_in_flight_bytes.max(1);
+        start.client.update_applied_lsn(start.confirmed.into());
+        board.set_confirmed_lsn(start.confirmed);
+        Streamer {
+            ids: EventIds::new(start.system_identifier, &cfg.source.slot),
+            client: start.client,
+            publisher,
+            board,
+            source: cfg.source.clone(),
+            topic: cfg.publish.topic.clone(),
+            topic_prefix: cfg.publish.topic_prefix.clone(),
+            max_in_flight: cfg.publish.max_in_flight.max(1),
+            max_in_flight_bytes,
+            oversize_policy: cfg.publish.oversize_policy,
+            #[cfg(feature = "fault-injection")]
+            inject_fault: cfg.inject_fault,
+            capture_from: start.capture_from,
+            relations: RelationCache::default(),
+            kinds: HashMap::new(),
+            catalog: TypeCatalog::default(),
+            routes: HashMap::new(),
+            filters: start.filters.filters,
+            filter_version: start.filters.version,
+            transaction: None,
+            tracker: AckTracker::new(start.confirmed),
+            read_ahead: ReadAhead::new(max_in_flight_bytes / 4),
+            foreign_replies: 0,
+            last_event_len: 256,
+        }
+    }
+
+    /// Streams until an error; it never ends otherwise.
+    pub async fn run(&mut self) -> Error {
+        if let Err(e) = self.audit_streams(false).await {
+            return e;
+        }
+        let mut ack_check = tokio::time::interval(ACK_CHECK_INTERVAL);
+        loop {
+            // What was read ahead goes first, as far as the caps allow.
+            while self.below_caps() {
+                let Some(event) = self.read_ahead.pop() else { break };
+                if let Err(e) = self.on_replication_event(event).await {
+                    return e;
+                }
+            }
+            let step = tokio::select! {
+                biased;
+                // Read also when nothing is unacked: a reply that trails its PubAck is noticed.
+                reply = self.publisher.next_ack() => {
+                    reply.and_then(|(sequence, reply)| self.on_reply(sequence, reply))
+                }
+                _ = ack_check.tick() => self.check_acks_in_time(),
+                received = self.client.recv(), if self.read_ahead.has_room() => match received {
+                    Ok(Some(event)) if self.below_caps() && self.read_ahead.is_empty() => {
+                        self.on_replication_event(event).await
+                    }
+                    Ok(Some(event)) => {
+                        self.read_ahead.push(event);
+                        Ok(())
+                    }
+                    Ok(None) => Err(Error::Replication("the server ended the replication stream".into())),
+                    Err(e) => Err(Error::Replication(format!("replication stream broke: {e}"))),
+                },
+            };
+            if let Err(e) = step {
+                return e;
+            }
+        }
+    }
+
+    /// Whether another change may be processed: unacked publishes are
+    /// capped in count and in payload bytes (DESIGN.md rule 5).
+    fn below_caps(&self) -> bool {
+        self.tracker.unacked() < self.max_in_flight && self.tracker.unacked_bytes() < self.max_in_flight_bytes
+    }
+
+    fn on_reply(&mut self, sequence: u64, reply: Reply) -> Result<(), Error> {
+        if let Reply::Foreign(body) = reply {
+            // Also when it trails the PubAck: someone answers on our subjects.
+            self.foreign_replies += 1;
+            if self.foreign_replies == 1 {
+                let subject = self
+                    .tracker
+                    .tag(sequence)
+                    .map_or("a subject of ours".to_owned(), |r| r.subject.to_string());
+                self.board.log(
+                    LogLevel::Warning,
+                    format!(
+                        "a reply that is not a JetStream PubAck arrived for an event on {subject}: {body}; a core \
+                         NATS subscriber on that subject answers requests. It confirms nothing: only a PubAck \
+                         from the stream does"
+                    ),
+                );
+            }
+            return Ok(());
+        }
+        let Some(route) = self.tracker.tag(sequence).cloned() else {
+            return Ok(()); // acked already
+        };
+        match reply {
+            Reply::Stored { stream, .. } if route.stream.as_deref() == Some(stream.as_str()) => {
+                let (newly_acked, confirm) = self.tracker.acked(sequence);
+                if newly_acked > 0 {
+                    self.board.add_published(newly_acked);
+                }
+                if let Some(lsn) = confirm {
+                    self.confirm(lsn);
+                }
+                Ok(())
+            }
+            Reply::Stored { stream, .. } => Err(Error::Nats(format!(
+                "publishing to {}: the PubAck came from stream {stream}, but {} stored that subject when the \
+                 worker connected; reconnecting to read the streams again",
+                route.subject,
+                route.stream.as_deref().map_or("no stream".to_owned(), |s| format!("stream {s}"))
+            ))),
+            Reply::Refused(why) if self.tracker.awaits(sequence) => {
+                Err(Error::Nats(format!("publishing to {} failed: {why}", route.subject)))
+            }
+            Reply::Refused(_) | Reply::Foreign(_) => Ok(()),
+        }
+    }
+
+    /// Waits until every publish so far is acked (or the PubAck timeout
+    /// passes), confirming what the acks allow.
+    async fn settle(&mut self) -> Result<(), Error> {
+        self.publisher.flush().await?;
+        while !self.tracker.is_empty() {
+            match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
+                Ok(reply) => {
+                    let (sequence, reply) = reply?;
+                    self.on_reply(sequence, reply)?;
+                }
+                Err(_) => return self.check_acks_in_time(),
+            }
+        }
+        Ok(())
+    }
+
+    /// A PubAck that takes longer than [`ACK_TIMEOUT`] fails the session:
+    /// the publish may be lost, and the replay from the slot resends it.
+    fn check_acks_in_time(&self) -> Result<(), Error> {
+        let Some(late) = self.tracker.overdue(Instant::now(), ACK_TIMEOUT) else { return Ok(()) };
+        let foreign = match self.foreign_replies {
+            0 => String::new(),
+            n => format!("; {n} replies came from a core NATS subscriber instead, which confirm nothing"),
+        };
+        Err(Error::Nats(format!(
+            "publishing to {} failed: no PubAck within {} s ({} publishes unacked; NATS overloaded or \
+             JetStream unavailable){foreign}",
+            late.tag.subject,
+            ACK_TIMEOUT.as_secs(),
+            late.unacked
+        )))
+    }
+
+    /// Reports `lsn` as flushed; the tracker guarantees everything before it is acked.
+    fn confirm(&mut self, lsn: Lsn) {
+        self.client.update_applied_lsn(lsn.into());
+        self.board.set_confirmed_lsn(lsn);
+    }
+
+    async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+        match event {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                self.begin(Begin { final_lsn: final_lsn.into(), commit_time: commit_time_micros, xid });
+                Ok(())
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => self.commit(end_lsn.into()).await,
+            ReplicationEvent::XLogData { data, .. } => self.on_xlog_data(&data).await,
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if let Some(lsn) = self.tracker.keepalive(wal_end.into()) {
+                    self.confirm(lsn);
+                }
+                Ok(())
+            }
+            ReplicationEvent::Message { transactional: true, prefix, content, .. }
+                if prefix == replication::CONFIG_MESSAGE_PREFIX =>
+            {
+                self.on_config_message(&content)
+            }
+            ReplicationEvent::Message { .. } => Ok(()),
+            ReplicationEvent::StoppedAt { reached } => {
+                Err(Error::Replication(format!("replication stopped at {reached} unexpectedly")))
+            }
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    async fn on_xlog_data(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.on_pgoutput(data).await
+    }
+
+    #[cfg(feature = "fault-injection")]
+    async fn on_xlog_data(&mut self, data: &[u8]) -> Result<(), Error> {
+        use crate::failpoints::{inject, Injected};
+        match self.inject_fault.map(|fault| inject(fault, data)) {
+            Some(Injected::Replace(bytes)) => self.on_pgoutput(&bytes).await,
+            Some(Injected::ForgetRelations) => {
+                self.relations = RelationCache::default();
+                self.on_pgoutput(data).await
+            }
+            Some(Injected::Nothing) | None => self.on_pgoutput(data).await,
+        }
+    }
+
+    fn begin(&mut self, begin: Begin) {
+        self.tracker.begin();
+        let before_capture = begin.final_lsn < self.capture_from;
+        self.transaction = Some(Transaction { begin, next_ordinal: 0, before_capture, filter_change: None });
+    }
+
+    async fn commit(&mut self, end_lsn: Lsn) -> Result<(), Error> {
+        let transaction = self.transaction.take();
+        if let Some(Transaction { begin, filter_change: Some(change), .. }) = transaction {
+            self.apply_filter_change(&change, begin.final_lsn).await?;
+        }
+        if let Some(lsn) = self.tracker.commit(end_lsn) {
+            self.confirm(lsn);
+        }
+        Ok(())
+    }
+
+    /// A trigger of the config tables says what this transaction writes: a
+    /// filter version or one of its rules. In force from the commit on.
+    fn on_config_message(&mut self, content: &[u8]) -> Result<(), Error> {
+        let transaction = self.transaction.as_mut().ok_or_else(|| {
+            Error::Replication("protocol: a transactional message outside a transaction".into())
+        })?;
+        transaction.filter_change.get_or_insert_with(FilterChange::default).add_message(content).map_err(
+            |e| {
+                Error::Setup(format!(
+                    "{e}; the extension's tables or triggers were altered, recreate the extension"
+                ))
+            },
+        )
+    }
+
+    /// Applies the newest filter version a transaction wrote, after
+    /// recording where it took effect: nothing past this commit is
+    /// confirmed before, so a restart starts with the right filters.
+    async fn apply_filter_change(&mut self, change: &FilterChange, commit_lsn: Lsn) -> Result<(), Error> {
+        let Some((version, rules)) = change.newest() else { return Ok(()) };
+        if version < self.filter_version {
+            // Only hand-written rows of an old version; the API never writes those.
+            self.board.log(
+                LogLevel::Warning,
+                format!(
+                    "ignored rows of filters version {version} written at {commit_lsn}: version {} is newer",
+                    self.filter_version
+                ),
+            );
+            return Ok(());
+        }
+        let filters = Filters::from_json(&rules)
+            .map_err(|e| Error::Setup(format!("filters version {version}: {e}")))?;
+        config_store::record(&self.source, version, commit_lsn, &rules).await?;
+        self.filters = filters;
+        self.filter_version = version;
+        self.routes.clear();
+        self.board.log(
+            LogLevel::Info,
+            format!(
+                "filters version {version} in force from {commit_lsn} ({} tables listed)",
+                self.filters.len()
+            ),
+        );
+        self.audit_streams(true).await
+    }
+
+    /// Puts in `status().warnings` every subject the worker publishes to
+    /// that no stream stores: the default subjects and each filter's.
+    async fn audit_streams(&mut self, refresh: bool) -> Result<(), Error> {
+        if refresh {
+            self.publisher.refresh_streams().await?;
+        }
+        let probe = default_subject_probe(&self.topic, &self.topic_prefix);
+        let default = format!("the default subjects {}.{}<schema>_<table>", self.topic, self.topic_prefix);
+        let subjects = std::iter::once((probe.as_str(), default.as_str())).chain(self.filters.subjects());
+        let findings = self.publisher.streams().uncovered(subjects);
+        self.board.set_warnings(WarningSource::Streams, findings);
+        Ok(())
+    }
+
+    async fn on_pgoutput(&mut self, data: &[u8]) -> Result<(), Error> {
+        match pgoutput::decode(data)? {
+            Message::Begin(begin) => self.begin(begin),
+            Message::Commit(commit) => self.commit(commit.end_lsn).await?,
+            Message::Relation(relation) => {
+                let unknown = self.catalog.unknown(relation.columns.iter().map(|c| c.type_oid));
+                if !unknown.is_empty() {
+                    let rows = catalog::lookup_types(&self.source, &unknown).await?;
+                    self.catalog.learn(&rows);
+                }
+                let kinds = relation.columns.iter().map(|c| self.catalog.kind(c.type_oid)).collect();
+                self.kinds.insert(relation.id, kinds);
+                self.routes.remove(&relation.id);
+                self.relations.insert(relation);
+            }
+            Message::Insert { relation_id, new } => {
+                self.on_change(relation_id, Action::Insert, Some(&new), None).await?;
+            }
+            Message::Update { relation_id, old, new } => {
+                self.on_change(relation_id, Action::Update, Some(&new), old.as_ref()).await?;
+            }
+            Message::Delete { relation_id, old } => {
+                self.on_change(relation_id, Action::Delete, None, Some(&old)).await?;
+            }
+            Message::Truncate { relation_ids, .. } => {
+                for relation_id in relation_ids {
+                    self.on_change(relation_id, Action::Truncate, None, None).await?;
+                }
+            }
+            Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Filters, encodes and publishes one change (one truncated table).
+    async fn on_change(
+        &mut self,
+        relation_id: u32,
+        action: Action,
+        new: Option<&TupleData<'_>>,
+        old: Option<&OldTuple<'_>>,
+    ) -> Result<(), Error> {
+        let transaction = self.transaction.as_mut().ok_or_else(|| {
+            Error::Replication(format!("protocol: {} outside a transaction", action.as_str()))
+        })?;
+        let ordinal = transaction.next_ordinal;
+        transaction.next_ordinal += 1;
+        if transaction.before_capture {
+            return Ok(());
+        }
+        let begin = &transaction.begin;
+        let position =
+            Position { commit_lsn: begin.final_lsn, commit_time: begin.commit_time, xid: begin.xid, ordinal };
+
+        let relation = self.relations.get(relation_id).ok_or_else(|| {
+            Error::Replication(format!(
+                "protocol: change for relation id {relation_id}, which was never described"
+            ))
+        })?;
+        // The extension's own tables are configuration, never events.
+        if relation.namespace == replication::EXTENSION_SCHEMA {
+            return Ok(());
+        }
+        let subject_override = match self.filters.decide(relation_id, action) {
+            Decision::Skip => {
+                self.board.add_filtered(1);
+                return Ok(());
+            }
+            Decision::Publish(subject) => subject,
+        };
+
+        let mut id_buf = [0u8; 36];
+        let id = self.ids.id_text(position.commit_lsn, ordinal, &mut id_buf);
+        let mut body = Vec::with_capacity(self.last_event_len + 64);
+        let kinds = self.kinds.get(&relation_id).map(Vec::as_slice).unwrap_or_default();
+        let change = RowChange { relation, kinds, action, new, old };
+        encode_event(&mut body, id, &change, &position)?;
+        self.last_event_len = body.len();
+        let route = self
+            .routes
+            .entry(relation_id)
+            .or_insert_with(|| {
+                let subject = match subject_override {
+                    Some(subject) => subject.to_owned(),
+                    None => {
+                        default_subject(&self.topic, &self.topic_prefix, &relation.namespace, &relation.name)
+                    }
+                };
+                let stream = self.publisher.stream_for(&subject);
+                Arc::new(Route { subject: Subject::from(subject), stream })
+            })
+            .clone();
+
+        let bytes = body.len();
+        let sequence = self.tracker.next_sequence();
+        match self.publisher.publish(&route.subject, id, Bytes::from(body), sequence).await? {
+            Sent::Published => {
+                self.tracker.published(route, bytes, Instant::now());
+            }
+            Sent::TooLarge(why) => {
+                let what = format!(
+                    "event {id} for {} in the transaction committed at {}",
+                    describe_row(&change),
+                    position.commit_lsn
+                );
+                match self.oversize_policy {
+                    OversizePolicy::Error => {
+                        // The events before it are sent: let them be stored and confirmed.
+                        self.settle().await?;
+                        return Err(Error::Nats(format!(
+                            "{what} is larger than the NATS server's max_payload ({why}); nothing after it \
+                             is published until max_payload is raised or wal_listener.oversize_policy = skip"
+                        )));
+                    }
+                    OversizePolicy::Skip => {
+                        self.board.add_skipped(1);
+                        self.board.log(
+                            LogLevel::Warning,
+                            format!("skipped {what}: larger than the NATS server's max_payload ({why})"),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! Replies on the PubAck inbox. Only a JetStream PubAck from the stream that
+//! stores the subject confirms an event; a core NATS subscriber that answers
+//! requests on our subjects (`respond()`) also replies there, and its reply
+//! must never count as "stored" (DESIGN.md section 7).
+
+use async_nats::StatusCode;
+use serde::Deserialize;
+
+/// What one reply on the PubAck inbox says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// JetStream stored the message in `stream` (or had it already: a replay
+    /// inside the duplicate window).
+    Stored { stream: String, duplicate: bool },
+    /// JetStream, or the server, refused it; says why.
+    Refused(String),
+    /// Not a PubAck: some other subscriber answered. Confirms nothing.
+    Foreign(String),
+}
+
+#[derive(Deserialize)]
+struct PubAck {
+    stream: Option<String>,
+    seq: Option<u64>,
+    #[serde(default)]
+    duplicate: bool,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    code: Option<u16>,
+    err_code: Option<u32>,
+    description: Option<String>,
+}
+
+/// Reads one reply: `status` is the NATS status header, if any.
+pub fn parse(status: Option<StatusCode>, payload: &[u8]) -> Reply {
+    if status == Some(StatusCode::NO_RESPONDERS) {
+        return Reply::Refused(
+            "no JetStream stream stores this subject (no responders): create one that does, or set \
+             wal_listener.create_stream = on for the default subjects"
+                .into(),
+        );
+    }
+    if let Some(status) = status.filter(|s| !s.is_success()) {
+        return Reply::Refused(format!("NATS status {status}"));
+    }
+    match serde_json::from_slice::<PubAck>(payload) {
+        Ok(PubAck { error: Some(error), .. }) => Reply::Refused(format!(
+            "JetStream error {} ({}): {}",
+            error.code.map_or("?".into(), |c| c.to_string()),
+            error.err_code.map_or("?".into(), |c| c.to_string()),
+            error.description.as_deref().unwrap_or("no description")
+        )),
+        Ok(PubAck { stream: Some(stream), seq: Some(_), duplicate, error: None }) if !stream.is_empty() => {
+            Reply::Stored { stream, duplicate }
+        }
+        _ => Reply::Foreign(preview(payload)),
+    }
+}
+
+/// The start of a foreign reply, for a log line.
+fn preview(payload: &[u8]) -> String {
+    const MAX: usize = 80;
+    let text = String::from_utf8_lossy(&payload[..payload.len().min(MAX)]).into_owned();
+    if payload.len() > MAX {
+        format!("{text:?}…")
+    } else {
+        format!("{text:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pub_acks_name_their_stream() {
+        assert_eq!(
+            parse(None, br#"{"stream":"wal_listener","seq":7}"#),
+            Reply::Stored { stream: "wal_listener".into(), duplicate: false }
+        );
+        assert_eq!(
+            parse(None, br#"{"stream":"orders","seq":7,"duplicate":true,"domain":"hub"}"#),
+            Reply::Stored { stream: "orders".into(), duplicate: true }
+        );
+    }
+
+    #[test]
+    fn errors_and_status_codes_are_refusals() {
+        let full = br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#;
+        assert_eq!(
+            parse(None, full),
+            Reply::Refused("JetStream error 503 (10077): maximum messages exceeded".into())
+        );
+        let Reply::Refused(no_stream) = parse(Some(StatusCode::NO_RESPONDERS), b"") else { panic!() };
+        assert!(no_stream.contains("no JetStream stream stores this subject"), "{no_stream}");
+        assert!(matches!(parse(Some(StatusCode::TIMEOUT), b""), Reply::Refused(_)));
+    }
+
+    #[test]
+    fn anything_else_is_foreign_and_confirms_nothing() {
+        for reply in [
+            &b"ok"[..],
+            b"",
+            b"{}",
+            br#"{"stream":"wal_listener"}"#,
+            br#"{"seq":1}"#,
+            br#"{"stream":"","seq":1}"#,
+            br#"{"error_text":"an \"error\": field of another shape"}"#,
+            br#"[1,2]"#,
+        ] {
+            assert!(matches!(parse(None, reply), Reply::Foreign(_)), "{}", String::from_utf8_lossy(reply));
+        }
+        assert_eq!(parse(None, &[b'x'; 100]), Reply::Foreign(format!("{:?}…", "x".repeat(80))));
+    }
+}

@@ -1,0 +1,130 @@
+//! The logical replication slot: created when missing (never silently after
+//! it was lost), its confirmed position once the worker holds it, and the
+//! WAL it retains.
+
+use crate::config::SourceConfig;
+use crate::replication::connection::{quote_ident, quote_literal, Sql};
+use crate::replication::{HEARTBEAT_PREFIX, STREAMED_SLOTS_TABLE};
+use crate::{Error, Lsn};
+
+/// Makes sure the slot exists; returns whether it was created now.
+/// `extension_installed`: the extension's record of streamed slots exists,
+/// so a slot that was streamed from and is gone now is refused.
+pub async fn ensure(sql: &mut Sql, cfg: &SourceConfig, extension_installed: bool) -> Result<bool, Error> {
+    let query = format!(
+        "SELECT plugin, database, wal_status FROM pg_replication_slots WHERE slot_name = {}",
+        quote_literal(&cfg.slot)
+    );
+    let mut rows = sql.rows(&query).await?;
+    let created = rows.is_empty();
+    if created && extension_installed && streamed_before(sql, &cfg.slot).await? {
+        return Err(Error::Setup(format!(
+            "replication slot \"{}\" is gone: it was dropped after the worker streamed from it, so \
+             changes committed since its last confirmed position may never reach NATS; the worker will \
+             not create a new slot silently. To stream again from the current WAL position, run \
+             SELECT wal_listener.reset_slot() (see the README, \"A lost slot\")",
+            cfg.slot
+        )));
+    }
+    if created {
+        sql.execute(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')",
+            quote_ident(&cfg.slot)
+        ))
+        .await?;
+        rows = sql.rows(&query).await?;
+    }
+    let row =
+        rows.into_iter().next().ok_or_else(|| Error::Setup(format!("slot \"{}\" vanished", cfg.slot)))?;
+    let [plugin, database, wal_status] = <[Option<String>; 3]>::try_from(row)
+        .map_err(|_| Error::Replication("unexpected pg_replication_slots row shape".into()))?;
+    if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(cfg.database.as_str()) {
+        return Err(Error::Setup(format!(
+            "replication slot \"{}\" exists but is not a pgoutput slot of database \"{}\" \
+             (plugin {plugin:?}, database {database:?}); drop it or set wal_listener.slot_name",
+            cfg.slot, cfg.database
+        )));
+    }
+    if wal_status.as_deref() == Some("lost") {
+        return Err(Error::Setup(format!(
+            "replication slot \"{}\" was invalidated (wal_status = lost): the server removed WAL it \
+             still needed, past max_slot_wal_keep_size, so changes were lost. To stream again from the \
+             current WAL position, run SELECT wal_listener.reset_slot() (see the README, \"A lost slot\")",
+            cfg.slot
+        )));
+    }
+    if extension_installed {
+        sql.execute(&format!(
+            "INSERT INTO {STREAMED_SLOTS_TABLE} (slot_name) VALUES ({}) ON CONFLICT DO NOTHING",
+            quote_literal(&cfg.slot)
+        ))
+        .await?;
+    }
+    Ok(created)
+}
+
+/// Whether the worker streamed from `slot` before (the extension's record).
+async fn streamed_before(sql: &mut Sql, slot: &str) -> Result<bool, Error> {
+    let query = format!("SELECT 1 FROM {STREAMED_SLOTS_TABLE} WHERE slot_name = {}", quote_literal(slot));
+    Ok(sql.one_value(&query).await?.is_some())
+}
+
+/// The slot's `confirmed_flush_lsn`. Read once our walsender holds the
+/// slot: before that, the walsender of an earlier session may still move it.
+pub async fn confirmed_flush(sql: &mut Sql, slot: &str) -> Result<Lsn, Error> {
+    let query = format!(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = {}",
+        quote_literal(slot)
+    );
+    sql.one_value(&query)
+        .await?
+        .ok_or_else(|| Error::Setup(format!("replication slot \"{slot}\" has no confirmed_flush_lsn")))?
+        .parse::<Lsn>()
+        .map_err(Error::Replication)
+}
+
+/// How much WAL the slot holds back, against `max_slot_wal_keep_size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotRetention {
+    /// WAL from the slot's `restart_lsn` to the current position.
+    pub retained_bytes: u64,
+    /// `max_slot_wal_keep_size` in bytes; `None` when unlimited.
+    pub limit_bytes: Option<u64>,
+}
+
+impl SlotRetention {
+    /// Share of the limit in use, in percent; `None` when unlimited.
+    pub fn percent_of_limit(&self) -> Option<f64> {
+        self.limit_bytes.map(|limit| self.retained_bytes as f64 * 100.0 / limit.max(1) as f64)
+    }
+}
+
+/// Reads the slot's WAL retention (`None` while the slot does not exist)
+/// and, with `heartbeat`, first writes a heartbeat message into the WAL so
+/// that the slot has something of this database to move past. One short
+/// session for both.
+pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Option<SlotRetention>, Error> {
+    let mut sql = Sql::side(cfg).await?;
+    if heartbeat {
+        sql.execute(&format!(
+            "SELECT pg_logical_emit_message(false, {}, '')",
+            quote_literal(HEARTBEAT_PREFIX)
+        ))
+        .await?;
+    }
+    let query = format!(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+                pg_size_bytes(current_setting('max_slot_wal_keep_size')) \
+           FROM pg_replication_slots WHERE slot_name = {}",
+        quote_literal(&cfg.slot)
+    );
+    let Some(row) = sql.rows(&query).await?.into_iter().next() else {
+        return Ok(None);
+    };
+    let number = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+    Ok(Some(SlotRetention {
+        // NULL once the slot is invalidated: nothing retained any more.
+        retained_bytes: number(0).unwrap_or(0).max(0) as u64,
+        limit_bytes: number(1).filter(|&limit| limit >= 0).map(|limit| limit as u64),
+    }))
+}
