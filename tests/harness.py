@@ -71,7 +71,9 @@ def _as_postgres_user() -> dict:
 class Postgres:
     """A throwaway cluster with wal_listener preloaded."""
 
-    def __init__(self, version: str, settings: dict | None = None):
+    def __init__(self, version: str, settings: dict | None = None, base_backup_of: "Postgres | None" = None):
+        """A new cluster (initdb), or with `base_backup_of` a standby of that
+        primary (pg_basebackup; start it to follow the primary)."""
         self.version = version
         self.bindir = pg_bindir(version)
         self.dir = Path(tempfile.mkdtemp(prefix=f"wl-pg{version}-"))
@@ -81,6 +83,15 @@ class Postgres:
         self.data = self.dir / "data"
         self.logfile = self.dir / "server.log"
         self.port = free_port()
+        if base_backup_of:
+            primary = base_backup_of
+            self._run("pg_basebackup", "-D", str(self.data), "-h", str(primary.dir), "-p", str(primary.port),
+                      "-U", "postgres", "-X", "stream", "--no-sync")
+            (self.data / "standby.signal").touch()
+            if os.getuid() == 0:
+                shutil.chown(self.data / "standby.signal", "postgres", "postgres")
+            self._append_conf({"port": self.port, "unix_socket_directories": f"'{self.dir}'", **(settings or {})})
+            return
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C")
         conf = {
             "port": self.port,
@@ -92,6 +103,9 @@ class Postgres:
             "wal_listener.database": "'app'",
         }
         conf.update(settings or {})
+        self._append_conf(conf)
+
+    def _append_conf(self, conf: dict):
         with open(self.data / "postgresql.conf", "a") as f:
             for key, value in conf.items():
                 f.write(f"{key} = {value}\n")
@@ -162,6 +176,21 @@ class Postgres:
         except TimeoutError as e:
             raise TimeoutError(f"{e}; last status {self.status()}") from None
 
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def crash(self):
+        """The machine dies: the postmaster and every child, SIGKILL at once."""
+        postmaster = self.postmaster_pid()
+        ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True)
+        children = [int(p) for p in ps.stdout.split()]
+        for pid in [postmaster, *children]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not Path(f"/proc/{postmaster}").exists(), 10, "the postmaster to die")
+
     def destroy(self):
         if self.running():
             self.stop("immediate")
@@ -171,14 +200,15 @@ class Postgres:
 class Nats:
     """nats-server with JetStream and a store that survives restarts."""
 
-    def __init__(self, port: int | None = None, config: str = ""):
+    def __init__(self, port: int | None = None, config: str = "", start: bool = True):
         """`config`: extra nats-server configuration, e.g. `max_payload: 65536`."""
         self.dir = Path(tempfile.mkdtemp(prefix="wl-nats-"))
         self.port = port or free_port()
         self.config = self.dir / "server.conf"
         self.config.write_text(config)
         self.process: subprocess.Popen | None = None
-        self.start()
+        if start:
+            self.start()
 
     @property
     def url(self) -> str:
@@ -211,8 +241,35 @@ class Nats:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class NatsCluster:
+    """Three nats-server processes on loopback ports, routed into one
+    JetStream cluster (servers n0, n1, n2)."""
+
+    def __init__(self, size: int = 3):
+        cluster_ports = [free_port() for _ in range(size)]
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in cluster_ports)
+        self.nodes = [
+            Nats(config=f"server_name: n{i}\ncluster {{ name: wl, listen: 127.0.0.1:{port}, routes: [{routes}] }}\n",
+                 start=False)
+            for i, port in enumerate(cluster_ports)
+        ]
+        for node in self.nodes:
+            node.start()
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def node(self, name: str) -> Nats:
+        return self.nodes[int(name.removeprefix("n"))]
+
+    def destroy(self):
+        for node in self.nodes:
+            node.destroy()
+
+
 async def _stream_count(url: str, stream: str) -> int:
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
     try:
         try:
             info = await nc.jetstream().stream_info(stream)
@@ -252,7 +309,7 @@ class Event:
 
 
 async def _read_stream(url: str, stream: str) -> list[Event]:
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
         info = await js.stream_info(stream)
@@ -270,7 +327,7 @@ def read_stream(url: str, stream: str = "wal_listener") -> list[Event]:
 
 
 async def _inserted_numbers(url: str, stream: str) -> list[int]:
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
         expected = (await js.stream_info(stream)).state.messages

@@ -64,6 +64,7 @@ async fn main() {
         create_stream: true,
         max_in_flight: MAX_IN_FLIGHT,
         max_in_flight_bytes: usize::MAX,
+        stream_replicas: 1,
         auth: Default::default(),
         tls: Default::default(),
         oversize_policy: Default::default(),

@@ -38,6 +38,7 @@ async fn main() {
         slot: option("slot", Some("wal_listener")),
         publication: option("publication", Some("wal_listener")),
         require_extension: false,
+        failover_slot: false,
     };
     let publish = PublishConfig {
         nats_url: option("nats-url", None),
@@ -46,6 +47,7 @@ async fn main() {
         create_stream: true,
         max_in_flight: 4096,
         max_in_flight_bytes: 64 << 20,
+        stream_replicas: 1,
         auth: Default::default(),
         tls: Default::default(),
         oversize_policy: Default::default(),

@@ -77,4 +77,183 @@ mod tests {
         assert!(sync_standby_warning("*", "wal_listener").unwrap().contains("name your standbys"));
         assert_eq!(sync_standby_warning("s1", "wal_listener"), None);
     }
+
+    fn ready_standby() -> StandbySettings {
+        StandbySettings {
+            version_num: 180_006,
+            sync_replication_slots: true,
+            hot_standby_feedback: true,
+            primary_slot_name: "standby1".into(),
+            primary_conninfo: "host=/tmp port=5432 user=postgres dbname=app".into(),
+            slot: Some(SyncedSlot { synced: true, temporary: false, invalidation_reason: None }),
+        }
+    }
+
+    #[test]
+    fn a_standby_ready_for_failover_has_no_findings_and_each_gap_is_named() {
+        assert!(standby_findings(&ready_standby(), "s").is_empty());
+        let mut gaps = ready_standby();
+        gaps.sync_replication_slots = false;
+        gaps.hot_standby_feedback = false;
+        gaps.primary_slot_name.clear();
+        gaps.primary_conninfo = "host=/tmp port=5432".into();
+        gaps.slot = Some(SyncedSlot { synced: true, temporary: true, invalidation_reason: None });
+        let findings = standby_findings(&gaps, "s").join("\n");
+        for name in
+            ["sync_replication_slots", "hot_standby_feedback", "primary_slot_name", "dbname", "not ready yet"]
+        {
+            assert!(findings.contains(name), "{name}: {findings}");
+        }
+        gaps.slot = None;
+        assert!(standby_findings(&gaps, "s").join("\n").contains("not synced to this standby yet"));
+        let old = StandbySettings { version_num: 150_020, ..Default::default() };
+        assert!(standby_findings(&old, "s")[0].starts_with("PostgreSQL 15 has no failover slots"));
+    }
+
+    #[test]
+    fn conninfo_names_a_database_in_either_form() {
+        assert!(conninfo_has_dbname("host=a dbname=app"));
+        assert!(!conninfo_has_dbname("host=a dbname="));
+        assert!(!conninfo_has_dbname("host=a user=b"));
+        assert!(conninfo_has_dbname("postgresql://u@h:5432/app?sslmode=disable"));
+        assert!(!conninfo_has_dbname("postgresql://u@h:5432"));
+    }
+
+    #[test]
+    fn a_primary_with_standbys_needs_a_failover_slot_and_synchronized_standby_slots() {
+        let safe = PrimarySettings {
+            version_num: 180_006,
+            failover_wanted: true,
+            slot_is_failover: true,
+            synchronized_standby_slots: "standby1".into(),
+            has_standbys: true,
+        };
+        assert!(primary_findings(&safe, "s").is_empty());
+        let unset = PrimarySettings { synchronized_standby_slots: String::new(), ..safe.clone() };
+        assert!(primary_findings(&unset, "s")[0].starts_with("synchronized_standby_slots is empty"));
+        let off = PrimarySettings { failover_wanted: false, ..safe.clone() };
+        assert!(primary_findings(&off, "s")[0].contains("is not a failover slot"));
+        assert!(primary_findings(&PrimarySettings { has_standbys: false, ..unset }, "s").is_empty());
+        let old = PrimarySettings { version_num: 150_000, ..safe };
+        assert!(primary_findings(&old, "s")[0].contains("PostgreSQL 15 has no failover slots"));
+    }
+}
+
+/// First PostgreSQL version with failover slots (`server_version_num`).
+pub const FAILOVER_SLOTS_VERSION: u32 = 170_000;
+
+/// What the audit reads on a standby.
+#[derive(Debug, Clone, Default)]
+pub struct StandbySettings {
+    pub version_num: u32,
+    pub sync_replication_slots: bool,
+    pub hot_standby_feedback: bool,
+    pub primary_slot_name: String,
+    pub primary_conninfo: String,
+    /// The worker's slot as synced from the primary, if it is there.
+    pub slot: Option<SyncedSlot>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SyncedSlot {
+    pub synced: bool,
+    /// A synced slot stays temporary until it has caught up with the primary's.
+    pub temporary: bool,
+    pub invalidation_reason: Option<String>,
+}
+
+/// What makes a promotion of this standby lose the worker's slot.
+pub fn standby_findings(s: &StandbySettings, slot: &str) -> Vec<String> {
+    let why = "a promotion would leave the worker without its slot (see the README, \"High availability\")";
+    if s.version_num < FAILOVER_SLOTS_VERSION {
+        return vec![format!(
+            "PostgreSQL {} has no failover slots: slot \"{slot}\" lives on the primary only; after a promotion \
+             the worker refuses to stream until SELECT wal_listener.reset_slot(), and changes since the old \
+             slot's position are not published",
+            s.version_num / 10_000
+        )];
+    }
+    let mut findings = Vec::new();
+    if !s.sync_replication_slots {
+        findings.push(format!("sync_replication_slots is off on this standby: {why}; set it to on"));
+    }
+    if !s.hot_standby_feedback {
+        findings.push(format!("hot_standby_feedback is off on this standby: {why}; set it to on"));
+    }
+    if s.primary_slot_name.is_empty() {
+        findings.push(format!(
+            "primary_slot_name is not set on this standby: {why}; give it a physical slot on the primary"
+        ));
+    }
+    if !conninfo_has_dbname(&s.primary_conninfo) {
+        findings.push(format!("primary_conninfo has no dbname: {why}; add dbname=<any database> to it"));
+    }
+    match &s.slot {
+        None => findings.push(format!("slot \"{slot}\" is not synced to this standby yet: {why}")),
+        Some(synced) if !synced.synced => findings.push(format!(
+            "slot \"{slot}\" on this standby was not synced from the primary: {why}; drop it here"
+        )),
+        Some(SyncedSlot { invalidation_reason: Some(reason), .. }) => {
+            findings.push(format!("the synced slot \"{slot}\" is invalidated ({reason}): {why}"))
+        }
+        Some(synced) if synced.temporary => findings.push(format!(
+            "the synced slot \"{slot}\" is not ready yet (it has not caught up with the primary's): {why}"
+        )),
+        Some(_) => {}
+    }
+    findings
+}
+
+/// Whether a libpq connection string names a database.
+fn conninfo_has_dbname(conninfo: &str) -> bool {
+    if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
+        let path = conninfo.split_once("://").map_or("", |(_, rest)| rest);
+        let after_host = path.split_once('/').map_or("", |(_, rest)| rest);
+        let database = after_host.split('?').next().unwrap_or("");
+        return !database.is_empty() || conninfo.contains("dbname=");
+    }
+    conninfo
+        .split_whitespace()
+        .any(|pair| pair.split_once('=').is_some_and(|(key, value)| key == "dbname" && !value.is_empty()))
+}
+
+/// What the audit reads on a primary.
+#[derive(Debug, Clone, Default)]
+pub struct PrimarySettings {
+    pub version_num: u32,
+    pub failover_wanted: bool,
+    pub slot_is_failover: bool,
+    pub synchronized_standby_slots: String,
+    /// Physical slots exist: standbys (may) stream from this server.
+    pub has_standbys: bool,
+}
+
+/// What makes a failover unsafe, seen from the primary.
+pub fn primary_findings(s: &PrimarySettings, slot: &str) -> Vec<String> {
+    if !s.has_standbys {
+        return Vec::new();
+    }
+    if s.version_num < FAILOVER_SLOTS_VERSION {
+        return vec![format!(
+            "this server has standbys, but PostgreSQL {} has no failover slots: after a promotion the worker \
+             refuses to stream until SELECT wal_listener.reset_slot() (see the README, \"High availability\")",
+            s.version_num / 10_000
+        )];
+    }
+    let mut findings = Vec::new();
+    if !s.failover_wanted || !s.slot_is_failover {
+        findings.push(format!(
+            "slot \"{slot}\" is not a failover slot (wal_listener.failover_slot = {}): standbys do not get a \
+             copy, and after a promotion the worker refuses to stream",
+            if s.failover_wanted { "on, but the slot could not be switched yet" } else { "off" }
+        ));
+    } else if s.synchronized_standby_slots.trim().is_empty() {
+        findings.push(
+            "synchronized_standby_slots is empty: the worker may publish changes a standby never received, \
+             and after a failover those events describe rows the new primary does not have; set it to the \
+             standbys' physical slots"
+                .to_owned(),
+        );
+    }
+    findings
 }

@@ -15,6 +15,8 @@ pub struct SourceConfig {
     pub publication: String,
     /// Wait until `CREATE EXTENSION wal_listener` has run in `database`.
     pub require_extension: bool,
+    /// Make the slot a failover slot, synced to standbys (PostgreSQL 17+).
+    pub failover_slot: bool,
 }
 
 /// Where the events go.
@@ -31,6 +33,8 @@ pub struct PublishConfig {
     /// Cap on the payload bytes of un-acked publishes; the read-ahead of
     /// received changes is a quarter of it.
     pub max_in_flight_bytes: usize,
+    /// Replicas of the stream the worker creates (3 on a NATS cluster).
+    pub stream_replicas: usize,
     pub auth: NatsAuth,
     pub tls: NatsTls,
     pub oversize_policy: OversizePolicy,

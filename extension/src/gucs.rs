@@ -19,6 +19,8 @@ static NATS_URL: GucSetting<Option<CString>> =
 static TOPIC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"wal_listener"));
 static TOPIC_PREFIX: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static CREATE_STREAM: GucSetting<bool> = GucSetting::<bool>::new(true);
+static STREAM_REPLICAS: GucSetting<i32> = GucSetting::<i32>::new(1);
+static FAILOVER_SLOT: GucSetting<bool> = GucSetting::<bool>::new(true);
 static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(4096);
 /// In kB (the GUC unit), so that values up to 2 TB fit an int GUC.
 static MAX_IN_FLIGHT_BYTES_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
@@ -124,6 +126,24 @@ pub fn register() {
         c"",
         &CREATE_STREAM,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"wal_listener.stream_replicas",
+        c"Replicas of the JetStream stream the worker creates (3 on a NATS cluster).",
+        c"",
+        &STREAM_REPLICAS,
+        1,
+        5,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"wal_listener.failover_slot",
+        c"Make the slot a failover slot, synced to standbys (PostgreSQL 17 and later).",
+        c"",
+        &FAILOVER_SLOT,
+        GucContext::Postmaster,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
@@ -278,6 +298,10 @@ pub fn publication() -> String {
     text(&PUBLICATION)
 }
 
+pub fn failover_slot() -> bool {
+    FAILOVER_SLOT.get()
+}
+
 /// `None` means the bootstrap superuser.
 pub fn role() -> Option<String> {
     Some(text(&ROLE)).filter(|r| !r.is_empty())
@@ -292,6 +316,7 @@ fn publish_config() -> PublishConfig {
         create_stream: CREATE_STREAM.get(),
         max_in_flight: usize::try_from(MAX_IN_FLIGHT.get()).unwrap_or(1),
         max_in_flight_bytes: usize::try_from(MAX_IN_FLIGHT_BYTES_KB.get()).unwrap_or(1024) * 1024,
+        stream_replicas: usize::try_from(STREAM_REPLICAS.get()).unwrap_or(1),
         auth: NatsAuth {
             user: text(&NATS_USER),
             password: text(&NATS_PASSWORD),

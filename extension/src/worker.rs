@@ -7,7 +7,7 @@ use std::ffi::CStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
 use tokio::sync::{watch, Notify};
 use wal_listener_core::config::SourceConfig;
@@ -28,9 +28,11 @@ pub fn register() {
         .set_type("wal_listener")
         .set_library("wal_listener")
         .set_function("wal_listener_worker_main")
-        // Needed to look up the bootstrap superuser; also starts the worker
-        // only once recovery is finished, so a standby never streams.
+        // Needed to look up the bootstrap superuser (shared catalogs only).
         .enable_spi_access()
+        // Also on a hot standby: the worker waits there, writing nothing,
+        // and streams from the synced slot once the server is promoted.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(RESTART_DELAY))
         .load();
 }
@@ -54,6 +56,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
         slot: gucs::slot_name(),
         publication: gucs::publication(),
         require_extension: true,
+        failover_slot: gucs::failover_slot(),
     };
     log!(
         "wal_listener: worker started (pid {pid}, database \"{}\", role \"{}\")",

@@ -82,7 +82,8 @@ pub async fn run_supervised(
         };
         let pause = match outcome {
             Ok(()) => continue,
-            Err(OpenError::NotReady(reason)) => {
+            Err(OpenError::NotReady { reason, warnings }) => {
+                board.set_warnings(WarningSource::Postgres, warnings);
                 board.set_state(State::Waiting);
                 if waiting_reason.as_ref() != Some(&reason) {
                     board.report_waiting(reason.clone());

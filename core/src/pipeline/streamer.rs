@@ -69,6 +69,7 @@ pub struct Streamer {
     topic_prefix: String,
     max_in_flight: usize,
     max_in_flight_bytes: usize,
+    stream_replicas: usize,
     oversize_policy: OversizePolicy,
     #[cfg(feature = "fault-injection")]
     inject_fault: Option<crate::failpoints::InjectedFault>,
@@ -106,6 +107,7 @@ impl Streamer {
             topic_prefix: cfg.publish.topic_prefix.clone(),
             max_in_flight: cfg.publish.max_in_flight.max(1),
             max_in_flight_bytes,
+            stream_replicas: cfg.publish.stream_replicas.max(1),
             oversize_policy: cfg.publish.oversize_policy,
             #[cfg(feature = "fault-injection")]
             inject_fault: cfg.inject_fault,
@@ -363,8 +365,9 @@ impl Streamer {
         self.audit_streams(true).await
     }
 
-    /// Puts in `status().warnings` every subject the worker publishes to
-    /// that no stream stores: the default subjects and each filter's.
+    /// Puts the streams' audit in `status().warnings`: every subject the
+    /// worker publishes to (the default subjects and each filter's) that no
+    /// stream stores, and the streams' replicas and duplicate windows.
     async fn audit_streams(&mut self, refresh: bool) -> Result<(), Error> {
         if refresh {
             self.publisher.refresh_streams().await?;
@@ -372,7 +375,7 @@ impl Streamer {
         let probe = default_subject_probe(&self.topic, &self.topic_prefix);
         let default = format!("the default subjects {}.{}<schema>_<table>", self.topic, self.topic_prefix);
         let subjects = std::iter::once((probe.as_str(), default.as_str())).chain(self.filters.subjects());
-        let findings = self.publisher.streams().uncovered(subjects);
+        let findings = self.publisher.streams().audit(subjects, self.stream_replicas);
         self.board.set_warnings(WarningSource::Streams, findings);
         Ok(())
     }

@@ -23,7 +23,7 @@ use crate::config::{redact_url, url_credentials, PublishConfig, UrlCredentials};
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;
 pub use pub_ack::Reply;
-use streams::StreamMap;
+use streams::{StreamInfo, StreamMap};
 
 /// How long to wait for a connection, and for one PubAck.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,7 +144,10 @@ async fn list_streams(js: &jetstream::Context) -> Result<StreamMap, Error> {
         .try_collect()
         .await
         .map_err(|e| Error::Nats(format!("listing JetStream streams: {e}")))?;
-    Ok(StreamMap::new(infos.into_iter().map(|info| (info.config.name, info.config.subjects))))
+    Ok(StreamMap::new(infos.into_iter().map(|info| {
+        let config = info.config;
+        StreamInfo::new(&config.name, config.subjects, config.num_replicas, config.duplicate_window)
+    })))
 }
 
 /// Authentication and TLS from the config; reads the key files now.
@@ -245,6 +248,8 @@ async fn ensure_stream(
                 name: cfg.topic.clone(),
                 subjects: vec![our_subjects],
                 storage: stream::StorageType::File,
+                num_replicas: cfg.stream_replicas.max(1),
+                duplicate_window: Duration::from_secs(120),
                 ..Default::default()
             })
             .await

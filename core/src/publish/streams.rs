@@ -4,46 +4,91 @@
 //! publishes to is stored by no stream (DESIGN.md section 3).
 
 use std::sync::Arc;
+use std::time::Duration;
+
+/// A replay after a failure the worker recovers from by itself arrives
+/// within the PubAck timeout (10 s) plus the longest backoff (30 s) plus a
+/// reconnect: a shorter duplicate window lets replays through as duplicates.
+pub const REPLAY_BOUND: Duration = Duration::from_secs(60);
+
+/// What the audit looks at in one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub name: Arc<str>,
+    pub subjects: Vec<String>,
+    pub replicas: usize,
+    pub duplicate_window: Duration,
+}
+
+impl StreamInfo {
+    pub fn new(name: &str, subjects: Vec<String>, replicas: usize, duplicate_window: Duration) -> Self {
+        StreamInfo { name: Arc::from(name), subjects, replicas, duplicate_window }
+    }
+}
 
 /// The streams of the account and the subjects each stores.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamMap {
-    streams: Vec<(Arc<str>, Vec<String>)>,
+    streams: Vec<StreamInfo>,
 }
 
 impl StreamMap {
-    pub fn new(streams: impl IntoIterator<Item = (String, Vec<String>)>) -> Self {
-        StreamMap {
-            streams: streams.into_iter().map(|(name, subjects)| (Arc::from(name), subjects)).collect(),
-        }
+    pub fn new(streams: impl IntoIterator<Item = StreamInfo>) -> Self {
+        StreamMap { streams: streams.into_iter().collect() }
+    }
+
+    fn info_for(&self, subject: &str) -> Option<&StreamInfo> {
+        self.streams.iter().find(|info| info.subjects.iter().any(|p| subject_matches(p, subject)))
     }
 
     /// The stream that stores `subject`; JetStream refuses overlapping
     /// streams, so there is at most one.
     pub fn stream_for(&self, subject: &str) -> Option<Arc<str>> {
-        self.streams
-            .iter()
-            .find(|(_, patterns)| patterns.iter().any(|p| subject_matches(p, subject)))
-            .map(|(name, _)| name.clone())
+        self.info_for(subject).map(|info| info.name.clone())
     }
 
-    pub fn subjects_of(&self, stream: &str) -> Option<&[String]> {
-        self.streams.iter().find(|(name, _)| &**name == stream).map(|(_, subjects)| subjects.as_slice())
-    }
-
-    /// One line per subject that no stream stores. `subjects` are
-    /// (subject, what publishes to it) pairs.
-    pub fn uncovered<'s>(&self, subjects: impl IntoIterator<Item = (&'s str, &'s str)>) -> Vec<String> {
-        subjects
-            .into_iter()
-            .filter(|(subject, _)| self.stream_for(subject).is_none())
-            .map(|(subject, what)| {
-                format!(
+    /// The setup audit of the streams for `subjects`, (subject, what
+    /// publishes to it) pairs: a subject no stream stores, and a stream
+    /// with fewer replicas than `wanted_replicas` or a duplicate window
+    /// shorter than [`REPLAY_BOUND`].
+    pub fn audit<'s>(
+        &self,
+        subjects: impl IntoIterator<Item = (&'s str, &'s str)>,
+        wanted_replicas: usize,
+    ) -> Vec<String> {
+        let mut findings = Vec::new();
+        let mut streams: Vec<&StreamInfo> = Vec::new();
+        for (subject, what) in subjects {
+            match self.info_for(subject) {
+                Some(info) if !streams.iter().any(|seen| seen.name == info.name) => streams.push(info),
+                Some(_) => {}
+                None => findings.push(format!(
                     "no JetStream stream stores subject {subject} ({what}): its events are held, and the \
                      worker backs off, until a stream with a matching subject exists"
-                )
-            })
-            .collect()
+                )),
+            }
+        }
+        for info in streams {
+            if info.replicas < wanted_replicas {
+                findings.push(format!(
+                    "stream {} has {} replica(s), fewer than wal_listener.stream_replicas = {wanted_replicas}: \
+                     losing a NATS node may lose stored events; raise its replicas (nats stream edit {} \
+                     --replicas {wanted_replicas})",
+                    info.name, info.replicas, info.name
+                ));
+            }
+            if info.duplicate_window < REPLAY_BOUND {
+                findings.push(format!(
+                    "stream {} drops duplicates for {} s only; replays after a failure can come later (up to \
+                     {} s, longer after an outage), so consumers may see events twice: raise its \
+                     duplicate_window (see the README, \"Duplicate window\")",
+                    info.name,
+                    info.duplicate_window.as_secs(),
+                    REPLAY_BOUND.as_secs()
+                ));
+            }
+        }
+        findings
     }
 }
 
@@ -93,26 +138,34 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_stream_of_a_subject_and_lists_uncovered_ones() {
+    fn finds_the_stream_of_a_subject_and_audits_the_streams_in_use() {
+        let two_minutes = Duration::from_secs(120);
         let map = StreamMap::new([
-            ("wal_listener".to_string(), vec!["wal_listener.>".to_string()]),
-            ("audit".to_string(), vec!["audit.deletes".to_string(), "audit.updates".to_string()]),
+            StreamInfo::new("wal_listener", vec!["wal_listener.>".into()], 3, two_minutes),
+            StreamInfo::new(
+                "audit",
+                vec!["audit.deletes".into(), "audit.updates".into()],
+                1,
+                Duration::from_secs(5),
+            ),
+            StreamInfo::new("unused", vec!["other.>".into()], 1, Duration::ZERO),
         ]);
         assert_eq!(map.stream_for("wal_listener.public_t").as_deref(), Some("wal_listener"));
         assert_eq!(map.stream_for("audit.deletes").as_deref(), Some("audit"));
         assert_eq!(map.stream_for("audit.inserts"), None);
         let probe = default_subject_probe("wal_listener", "");
-        let findings = map.uncovered([
-            (probe.as_str(), "default"),
-            ("audit.inserts", "public.t"),
-            ("audit.updates", "x"),
-        ]);
-        assert_eq!(findings.len(), 1);
+        let subjects = [(probe.as_str(), "default"), ("audit.inserts", "public.t"), ("audit.updates", "x")];
+        let findings = map.audit(subjects, 1);
+        assert_eq!(findings.len(), 2, "{findings:?}");
         assert!(
             findings[0].starts_with("no JetStream stream stores subject audit.inserts (public.t)"),
             "{}",
             findings[0]
         );
-        assert_eq!(map.subjects_of("audit").map(<[String]>::len), Some(2));
+        assert!(findings[1].starts_with("stream audit drops duplicates for 5 s only"), "{}", findings[1]);
+        assert!(map.audit([(probe.as_str(), "default")], 3).is_empty());
+        let findings = map.audit([("audit.updates", "x")], 3);
+        assert!(findings[0]
+            .starts_with("stream audit has 1 replica(s), fewer than wal_listener.stream_replicas = 3"));
     }
 }

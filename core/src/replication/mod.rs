@@ -63,9 +63,19 @@ pub enum Capture {
 
 /// Why a session did not start.
 pub enum OpenError {
-    /// Nothing is wrong, but streaming cannot start yet.
-    NotReady(String),
+    /// Nothing is wrong, but streaming cannot start yet; `warnings` are the
+    /// setup audit's findings meanwhile (e.g. on a standby).
+    NotReady {
+        reason: String,
+        warnings: Vec<String>,
+    },
     Failed(Error),
+}
+
+impl OpenError {
+    fn not_ready(reason: String) -> Self {
+        OpenError::NotReady { reason, warnings: Vec::new() }
+    }
 }
 
 impl From<Error> for OpenError {
@@ -79,7 +89,7 @@ impl From<Error> for OpenError {
 pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {
     let mut stream = match Sql::for_stream(cfg, vec![cfg.publication.clone()]).await {
         Err(e) if is_missing_database(&e) => {
-            return Err(OpenError::NotReady(format!(
+            return Err(OpenError::not_ready(format!(
                 "waiting for database \"{}\" (wal_listener.database) to be created",
                 cfg.database
             )))
@@ -130,15 +140,20 @@ async fn prepare(sql: &mut Sql, cfg: &SourceConfig) -> Result<Prepared, OpenErro
             "SELECT current_setting('wal_level'), pg_is_in_recovery()::text, \
                     (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)::text, \
                     current_setting('synchronous_standby_names'), \
-                    (SELECT extname FROM pg_extension WHERE extname = 'wal_listener')",
+                    (SELECT extname FROM pg_extension WHERE extname = 'wal_listener'), \
+                    current_setting('server_version_num')",
         )
         .await?;
     let row = settings.into_iter().next().unwrap_or_default();
     let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let version_num: u32 = text(5).parse().unwrap_or(0);
     if text(1) == "true" {
-        return Err(OpenError::NotReady(
-            "server is a standby (in recovery): the worker streams once it is promoted".into(),
-        ));
+        return Err(OpenError::NotReady {
+            reason: "server is a standby (in recovery): the worker waits, writes nothing, and streams from \
+                     the synced slot once the server is promoted"
+                .into(),
+            warnings: standby_audit(sql, cfg, version_num).await?,
+        });
     }
     if text(0) != "logical" {
         return Err(Error::Setup(format!(
@@ -157,17 +172,64 @@ async fn prepare(sql: &mut Sql, cfg: &SourceConfig) -> Result<Prepared, OpenErro
         ))
         .into());
     }
-    let warnings = audit::sync_standby_warning(&text(3), STREAM_APPLICATION_NAME).into_iter().collect();
+    let mut warnings: Vec<String> =
+        audit::sync_standby_warning(&text(3), STREAM_APPLICATION_NAME).into_iter().collect();
     let extension_installed = cfg.require_extension && row.get(4).cloned().flatten().is_some();
 
     // Before the slot: decoding a change older than the publication it is
     // asked for fails (PostgreSQL before 18).
     ensure_publication(sql, &cfg.publication, "FOR ALL TABLES").await?;
-    let created = slot::ensure(sql, cfg, extension_installed).await?;
-    if created && extension_installed {
+    let failover = cfg.failover_slot && version_num >= audit::FAILOVER_SLOTS_VERSION;
+    let ensured = slot::ensure(sql, cfg, extension_installed, failover, version_num).await?;
+    if ensured.created && extension_installed {
         config_store::reset_for_new_slot(sql).await?;
     }
+    let primary = sql
+        .rows(
+            "SELECT coalesce(current_setting('synchronized_standby_slots', true), ''), \
+                    EXISTS (SELECT FROM pg_replication_slots WHERE slot_type = 'physical')::text",
+        )
+        .await?;
+    let primary = primary.into_iter().next().unwrap_or_default();
+    let text = |i: usize| primary.get(i).cloned().flatten().unwrap_or_default();
+    let settings = audit::PrimarySettings {
+        version_num,
+        failover_wanted: cfg.failover_slot,
+        slot_is_failover: ensured.failover,
+        synchronized_standby_slots: text(0),
+        has_standbys: text(1) == "true",
+    };
+    warnings.extend(audit::primary_findings(&settings, &cfg.slot));
     Ok(Prepared { system_identifier, extension_installed, warnings })
+}
+
+/// What makes a promotion of this standby unsafe for the worker.
+async fn standby_audit(sql: &mut Sql, cfg: &SourceConfig, version_num: u32) -> Result<Vec<String>, Error> {
+    let mut settings = audit::StandbySettings { version_num, ..Default::default() };
+    if version_num >= audit::FAILOVER_SLOTS_VERSION {
+        let rows = sql
+            .rows(&format!(
+                "SELECT current_setting('sync_replication_slots'), current_setting('hot_standby_feedback'), \
+                        current_setting('primary_slot_name'), current_setting('primary_conninfo'), \
+                        s.synced::text, s.temporary::text, s.invalidation_reason \
+                   FROM (SELECT 1) one \
+                   LEFT JOIN pg_replication_slots s ON s.slot_name = {}",
+                quote_literal(&cfg.slot)
+            ))
+            .await?;
+        let row = rows.into_iter().next().unwrap_or_default();
+        let text = |i: usize| row.get(i).cloned().flatten();
+        settings.sync_replication_slots = text(0).as_deref() == Some("on");
+        settings.hot_standby_feedback = text(1).as_deref() == Some("on");
+        settings.primary_slot_name = text(2).unwrap_or_default();
+        settings.primary_conninfo = text(3).unwrap_or_default();
+        settings.slot = text(4).map(|synced| audit::SyncedSlot {
+            synced: synced == "true",
+            temporary: text(5).as_deref() == Some("true"),
+            invalidation_reason: text(6),
+        });
+    }
+    Ok(audit::standby_findings(&settings, &cfg.slot))
 }
 
 /// Creates the publication with `what` (e.g. `FOR ALL TABLES`) when missing;

@@ -7,12 +7,27 @@ use crate::replication::connection::{quote_ident, quote_literal, Sql};
 use crate::replication::{HEARTBEAT_PREFIX, STREAMED_SLOTS_TABLE};
 use crate::{Error, Lsn};
 
-/// Makes sure the slot exists; returns whether it was created now.
+/// The slot as [`ensure`] left it.
+pub struct Ensured {
+    pub created: bool,
+    /// A failover slot, synced to standbys (PostgreSQL 17+).
+    pub failover: bool,
+}
+
+/// Makes sure the slot exists, as a failover slot when `failover`.
 /// `extension_installed`: the extension's record of streamed slots exists,
 /// so a slot that was streamed from and is gone now is refused.
-pub async fn ensure(sql: &mut Sql, cfg: &SourceConfig, extension_installed: bool) -> Result<bool, Error> {
+pub async fn ensure(
+    sql: &mut Sql,
+    cfg: &SourceConfig,
+    extension_installed: bool,
+    failover: bool,
+    version_num: u32,
+) -> Result<Ensured, Error> {
+    let has_failover = version_num >= crate::audit::FAILOVER_SLOTS_VERSION;
     let query = format!(
-        "SELECT plugin, database, wal_status FROM pg_replication_slots WHERE slot_name = {}",
+        "SELECT plugin, database, wal_status, {} FROM pg_replication_slots WHERE slot_name = {}",
+        if has_failover { "failover::text" } else { "'false'" },
         quote_literal(&cfg.slot)
     );
     let mut rows = sql.rows(&query).await?;
@@ -28,15 +43,16 @@ pub async fn ensure(sql: &mut Sql, cfg: &SourceConfig, extension_installed: bool
     }
     if created {
         sql.execute(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')",
-            quote_ident(&cfg.slot)
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing'{})",
+            quote_ident(&cfg.slot),
+            if failover { ", FAILOVER" } else { "" }
         ))
         .await?;
         rows = sql.rows(&query).await?;
     }
     let row =
         rows.into_iter().next().ok_or_else(|| Error::Setup(format!("slot \"{}\" vanished", cfg.slot)))?;
-    let [plugin, database, wal_status] = <[Option<String>; 3]>::try_from(row)
+    let [plugin, database, wal_status, is_failover] = <[Option<String>; 4]>::try_from(row)
         .map_err(|_| Error::Replication("unexpected pg_replication_slots row shape".into()))?;
     if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(cfg.database.as_str()) {
         return Err(Error::Setup(format!(
@@ -53,6 +69,13 @@ pub async fn ensure(sql: &mut Sql, cfg: &SourceConfig, extension_installed: bool
             cfg.slot
         )));
     }
+    let mut is_failover = is_failover.as_deref() == Some("true");
+    if has_failover && is_failover != failover {
+        // Possible while no walsender holds the slot, as before START_REPLICATION.
+        sql.execute(&format!("ALTER_REPLICATION_SLOT {} (FAILOVER {failover})", quote_ident(&cfg.slot)))
+            .await?;
+        is_failover = failover;
+    }
     if extension_installed {
         sql.execute(&format!(
             "INSERT INTO {STREAMED_SLOTS_TABLE} (slot_name) VALUES ({}) ON CONFLICT DO NOTHING",
@@ -60,7 +83,7 @@ pub async fn ensure(sql: &mut Sql, cfg: &SourceConfig, extension_installed: bool
         ))
         .await?;
     }
-    Ok(created)
+    Ok(Ensured { created, failover: is_failover })
 }
 
 /// Whether the worker streamed from `slot` before (the extension's record).

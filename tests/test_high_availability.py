@@ -1,0 +1,250 @@
+"""High availability: a Postgres failover to a standby (failover slots,
+PostgreSQL 17+) and a NATS cluster losing its stream leader, then its
+quorum. Every committed row arrives once, in commit order."""
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import nats
+import psycopg
+import pytest
+
+from conftest import PG_VERSION
+from harness import NatsCluster, Postgres, inserted_numbers, stream_count, wait_until
+
+FAILOVER_SLOTS = int(PG_VERSION) >= 17
+
+
+class Loader(threading.Thread):
+    """Commits rows 1, 2, 3 … one per transaction into `load`, on whatever
+    server `target` names; after a connection error it retries the same
+    number (ON CONFLICT: a commit that did happen inserts nothing twice).
+    `acked` holds the numbers whose commit returned."""
+
+    def __init__(self, target: Postgres, rows: int, pause: float = 0.01):
+        super().__init__(daemon=True)
+        self.target, self.rows, self.pause = target, rows, pause
+        self.first_target = target
+        self.acked: list[int] = []
+        self.next = 1
+        self.switched_at_row: int | None = None
+        self.errors = 0
+
+    def switch_to(self, server: Postgres):
+        self.target = server
+        self.switched_at_row = None
+
+    def run(self):
+        deadline = time.monotonic() + 300
+        while self.next <= self.rows and time.monotonic() < deadline:
+            target = self.target
+            try:
+                with psycopg.connect(host=str(target.dir), port=target.port, user="postgres", dbname="app",
+                                     autocommit=True, connect_timeout=3) as conn:
+                    while self.next <= self.rows and self.target is target:
+                        conn.execute("INSERT INTO load VALUES (%s) ON CONFLICT DO NOTHING", (self.next,))
+                        if self.switched_at_row is None and target is not self.first_target:
+                            self.switched_at_row = self.next
+                        self.acked.append(self.next)
+                        self.next += 1
+                        time.sleep(self.pause)
+            except (psycopg.Error, OSError):
+                self.errors += 1
+                time.sleep(0.2)
+
+    def wait_for(self, rows: int, timeout: float = 120):
+        wait_until(lambda: len(self.acked) >= rows, timeout, f"{rows} loader rows")
+
+
+def check_every_row_once_in_order(server: Postgres, url: str, loader: Loader):
+    loader.join(timeout=300)
+    assert not loader.is_alive() and loader.next > loader.rows
+    rows = sorted(r["n"] for r in server.execute("SELECT n FROM load"))
+    assert set(loader.acked) <= set(rows), "a commit the loader saw is missing from the table"
+    wait_until(lambda: stream_count(url) >= len(rows), 180, f"{len(rows)} events", interval=0.5)
+    time.sleep(2)
+    numbers = inserted_numbers(url)
+    assert len(numbers) == len(set(numbers)), "duplicate events"
+    assert sorted(numbers) == rows, "lost or invented events"
+    assert numbers == sorted(numbers), "events out of commit order"
+
+
+async def _max_number(url: str) -> int:
+    nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        msg = await nc.jetstream().get_last_msg("wal_listener", "wal_listener.public_load")
+        return json.loads(msg.data)["data"]["n"]
+    except Exception:
+        return 0
+    finally:
+        await nc.close()
+
+
+def max_number(url: str) -> int:
+    try:
+        return asyncio.run(_max_number(url))
+    except Exception:
+        return 0
+
+
+def standby_of(primary: Postgres, nats_url: str) -> Postgres:
+    """A hot standby on the physical slot `standby1`, set up for failover slots."""
+    settings = {
+        "primary_conninfo": f"'host={primary.dir} port={primary.port} user=postgres dbname=app application_name=standby1'",
+        "primary_slot_name": "'standby1'",
+        "hot_standby_feedback": "on",
+        "wal_listener.nats_url": f"'{nats_url}'",
+    }
+    if FAILOVER_SLOTS:
+        settings["sync_replication_slots"] = "on"
+    standby = Postgres(PG_VERSION, settings, base_backup_of=primary)
+    standby.start()
+    wait_until(
+        lambda: primary.execute("SELECT 1 FROM pg_stat_replication WHERE application_name = 'standby1' AND state = 'streaming'"),
+        60,
+        "the standby to stream",
+    )
+    return standby
+
+
+@pytest.fixture
+def primary_and_standby(make_cluster, nats_server):
+    primary = make_cluster()
+    primary.execute("CREATE EXTENSION wal_listener")
+    primary.wait_for_state("streaming", timeout=60)
+    primary.execute("SELECT pg_create_physical_replication_slot('standby1', true)")
+    primary.execute("CREATE TABLE load (n int PRIMARY KEY)")
+    standby = standby_of(primary, nats_server.url)
+    yield primary, standby
+    standby.destroy()
+
+
+def standby_status(standby: Postgres) -> dict:
+    return standby.execute("SELECT * FROM wal_listener.status()")[0]
+
+
+@pytest.mark.skipif(not FAILOVER_SLOTS, reason="failover slots need PostgreSQL 17 or later")
+def test_failover_to_the_standby_loses_and_duplicates_nothing(primary_and_standby, nats_server):
+    primary, standby = primary_and_standby
+    # Every acknowledged commit is on the standby, and the worker publishes
+    # only what the standby has.
+    primary.execute("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'standby1'")
+    primary.execute("SELECT pg_reload_conf()")
+    primary.execute("SELECT wal_listener.add_filter('load', subject => 'wal_listener.public_load')")
+    wait_until(
+        lambda: standby.execute(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'wal_listener' AND synced AND NOT temporary"),
+        90,
+        "the slot to be synced to the standby",
+    )
+    waiting = wait_until(lambda: (s := standby_status(standby))["warnings"] == [] and s, 30, "a clean standby audit")
+    assert waiting["state"] == "waiting" and "standby" in waiting["last_error"], waiting
+    assert primary.status()["warnings"] == []
+
+    loader = Loader(primary, rows=3000, pause=0.005)
+    loader.start()
+    loader.wait_for(800)
+    primary.crash()
+    promoted_at = time.monotonic()
+    standby._run("pg_ctl", "-D", str(standby.data), "-w", "promote")
+    loader.switch_to(standby)
+    wait_until(lambda: loader.switched_at_row, 60, "the loader to commit on the new primary")
+    first_new = loader.switched_at_row
+    wait_until(lambda: max_number(nats_server.url) >= first_new, 60, "an event from the new primary", interval=0.05)
+    print(f"\npromotion to the first event from the new primary: {time.monotonic() - promoted_at:.2f} s "
+          f"(loader reconnected at row {first_new}, {loader.errors} failed attempts)")
+    check_every_row_once_in_order(standby, nats_server.url, loader)
+    # The filter version and its position were replicated: still in force.
+    assert standby.execute("SELECT count(*) AS n FROM wal_listener.applied_versions") == [{"n": 1}]
+
+
+def test_the_audit_names_what_makes_failover_unsafe(primary_and_standby):
+    primary, standby = primary_and_standby
+    standby.execute("ALTER SYSTEM SET hot_standby_feedback = off")
+    standby.execute("SELECT pg_reload_conf()")
+    if FAILOVER_SLOTS:
+        primary_warning = wait_until(lambda: primary.status()["warnings"], 30, "a primary audit finding")
+        print(f"\nprimary without synchronized_standby_slots: {primary_warning}")
+        assert any(w.startswith("synchronized_standby_slots is empty") for w in primary_warning)
+    standby_warnings = wait_until(
+        lambda: [w for w in standby_status(standby)["warnings"] if "hot_standby_feedback" in w or "no failover" in w],
+        30,
+        "a standby audit finding",
+    )
+    print(f"standby: {standby_status(standby)['warnings']}")
+    assert standby_warnings
+
+
+@pytest.mark.skipif(FAILOVER_SLOTS, reason="before PostgreSQL 17 only")
+def test_a_promoted_standby_without_failover_slots_refuses_until_reset_slot(primary_and_standby, nats_server):
+    primary, standby = primary_and_standby
+    primary.execute("INSERT INTO load VALUES (1)")
+    wait_until(lambda: stream_count(nats_server.url) >= 1, 30, "the first event")
+    wait_until(lambda: standby.execute("SELECT n FROM load"), 30, "the row on the standby")
+    primary.crash()
+    standby._run("pg_ctl", "-D", str(standby.data), "-w", "promote")
+    status = wait_until(
+        lambda: "is gone" in ((s := standby_status(standby))["last_error"] or "") and s, 60, "the refusal")
+    assert status["state"] == "backoff" and "reset_slot()" in status["last_error"]
+    standby.execute("SELECT wal_listener.reset_slot()")
+    standby.wait_for_state("streaming", timeout=60)
+    standby.execute("INSERT INTO load VALUES (2)")
+    wait_until(lambda: max_number(nats_server.url) == 2, 30, "the row from the new primary")
+
+
+def stream_leader(url: str) -> str:
+    async def leader():
+        nc = await nats.connect(url.split(","), connect_timeout=2)
+        try:
+            return (await nc.jetstream().stream_info("wal_listener")).cluster.leader
+        finally:
+            await nc.close()
+
+    return asyncio.run(leader())
+
+
+def test_a_nats_cluster_loses_its_leader_then_its_quorum_and_nothing_is_lost(make_cluster):
+    nats_cluster = NatsCluster()
+    try:
+        cluster = make_cluster(nats_url=f"'{nats_cluster.url}'", stream_replicas="3")
+        cluster.execute("CREATE EXTENSION wal_listener")
+        cluster.wait_for_state("streaming", timeout=90)
+        assert cluster.status()["warnings"] == []
+        cluster.execute("CREATE TABLE load (n int PRIMARY KEY)")
+        url = nats_cluster.url
+        loader = Loader(cluster, rows=3000, pause=0.01)
+        loader.start()
+        loader.wait_for(500)
+
+        def stall(fault: str, row: int, started: float):
+            wait_until(lambda: max_number(url) > row, 120, f"delivery after {fault}", 0.05)
+            print(f"\n{fault}: events flow again {time.monotonic() - started:.2f} s after")
+
+        leader_name = stream_leader(url)
+        leader = nats_cluster.node(leader_name)
+        row, started = len(loader.acked), time.monotonic()
+        leader.stop(signal.SIGKILL)
+        stall(f"stream leader {leader_name} killed", row, started)
+
+        # A second node: one of three left, no quorum.
+        other = next(n for n in nats_cluster.nodes if n is not leader and n.process)
+        other.stop(signal.SIGKILL)
+        cluster.wait_for_state("backoff", timeout=60)
+        confirmed = cluster.execute("SELECT confirmed_flush_lsn FROM pg_replication_slots")[0]
+        time.sleep(3)
+        assert cluster.execute("SELECT confirmed_flush_lsn FROM pg_replication_slots")[0] == confirmed, \
+            "confirmed while JetStream had no quorum"
+        print(f"quorum lost: {cluster.status()['last_error']}")
+
+        row, started = len(loader.acked), time.monotonic()
+        leader.start()
+        other.start()
+        stall("both nodes back (timed from their restart)", row, started)
+        check_every_row_once_in_order(cluster, url, loader)
+    finally:
+        nats_cluster.destroy()
+
