@@ -118,6 +118,12 @@ impl PipelineConfig {
     }
 }
 
+/// The servers of `nats_url`, a comma-separated list (the NATS client
+/// takes a list, not one string with commas).
+pub fn server_urls(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
+}
+
 /// `nats_url` as it may be logged or shown: the password of
 /// `user:password@` and a `token@` are replaced by `****`.
 pub fn redact_url(urls: &str) -> String {
@@ -175,6 +181,15 @@ mod tests {
         assert_eq!(redact_url("tls://a:p@x:1, nats://y:2"), "tls://a:****@x:1, nats://y:2");
         assert_eq!(redact_url("a:b:c@host"), "a:****@host");
         assert_eq!(redact_url(""), "");
+    }
+
+    #[test]
+    fn several_seeds_are_a_list() {
+        assert_eq!(
+            server_urls("nats://a:1, nats://b:2,,nats://c:3 "),
+            vec!["nats://a:1", "nats://b:2", "nats://c:3"]
+        );
+        assert_eq!(server_urls("nats://a:1"), vec!["nats://a:1"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Watches the slot beside the pipeline, from short side sessions: warns
-//! before `max_slot_wal_keep_size` invalidates it, and writes heartbeats so
+//! before `max_slot_wal_keep_size` invalidates it, refreshes the setup
+//! audit of the server's settings, and writes heartbeats so
 //! that a database whose own tables are quiet still moves the slot along
 //! (DESIGN.md section 7). It runs while the pipeline backs off too: that is
 //! when WAL piles up.
@@ -11,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::PipelineConfig;
 use crate::replication::slot::{self, SlotRetention};
-use crate::status::{LogLevel, State, StatusBoard};
+use crate::status::{LogLevel, State, StatusBoard, WarningSource};
 
 /// How often retention is checked when heartbeats are off or rarer.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -41,12 +42,13 @@ pub async fn run(config: watch::Receiver<PipelineConfig>, board: Arc<StatusBoard
             && !heartbeat_interval.is_zero()
             && last_heartbeat.elapsed() + tick / 2 >= heartbeat_interval;
         match slot::check(&cfg.source, heartbeat).await {
-            Ok(retention) => {
+            Ok(checked) => {
                 if heartbeat {
                     last_heartbeat = Instant::now();
                 }
+                board.set_warnings(WarningSource::Postgres, checked.warnings);
                 if let Some(line) =
-                    retention.and_then(|r| warning.check(&r, &cfg.source.slot, Instant::now()))
+                    checked.retention.and_then(|r| warning.check(&r, &cfg.source.slot, Instant::now()))
                 {
                     board.log(line.0, line.1);
                 }

@@ -19,7 +19,7 @@ use async_nats::{HeaderMap, Subject, Subscriber};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 
-use crate::config::{redact_url, url_credentials, PublishConfig, UrlCredentials};
+use crate::config::{redact_url, server_urls, url_credentials, PublishConfig, UrlCredentials};
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;
 pub use pub_ack::Reply;
@@ -67,7 +67,7 @@ impl Publisher {
                     }
                 }
             })
-            .connect(cfg.nats_url.as_str())
+            .connect(server_urls(&cfg.nats_url))
             .await
             .map_err(|e| connect_error(cfg, e))?;
         board.set_nats_connected(true);

@@ -38,8 +38,9 @@ struct ApiError {
 pub fn parse(status: Option<StatusCode>, payload: &[u8]) -> Reply {
     if status == Some(StatusCode::NO_RESPONDERS) {
         return Reply::Refused(
-            "no JetStream stream stores this subject (no responders): create one that does, or set \
-             wal_listener.create_stream = on for the default subjects"
+            "no responders: no JetStream stream stores this subject (create one that does, or set \
+             wal_listener.create_stream = on for the default subjects), or its stream has no leader now \
+             (a NATS cluster that lost its quorum)"
                 .into(),
         );
     }

@@ -172,8 +172,6 @@ async fn prepare(sql: &mut Sql, cfg: &SourceConfig) -> Result<Prepared, OpenErro
         ))
         .into());
     }
-    let mut warnings: Vec<String> =
-        audit::sync_standby_warning(&text(3), STREAM_APPLICATION_NAME).into_iter().collect();
     let extension_installed = cfg.require_extension && row.get(4).cloned().flatten().is_some();
 
     // Before the slot: decoding a change older than the publication it is
@@ -184,23 +182,36 @@ async fn prepare(sql: &mut Sql, cfg: &SourceConfig) -> Result<Prepared, OpenErro
     if ensured.created && extension_installed {
         config_store::reset_for_new_slot(sql).await?;
     }
-    let primary = sql
-        .rows(
-            "SELECT coalesce(current_setting('synchronized_standby_slots', true), ''), \
-                    EXISTS (SELECT FROM pg_replication_slots WHERE slot_type = 'physical')::text",
-        )
-        .await?;
-    let primary = primary.into_iter().next().unwrap_or_default();
-    let text = |i: usize| primary.get(i).cloned().flatten().unwrap_or_default();
-    let settings = audit::PrimarySettings {
-        version_num,
-        failover_wanted: cfg.failover_slot,
-        slot_is_failover: ensured.failover,
-        synchronized_standby_slots: text(0),
-        has_standbys: text(1) == "true",
-    };
-    warnings.extend(audit::primary_findings(&settings, &cfg.slot));
+    let warnings = primary_audit(sql, cfg).await?;
     Ok(Prepared { system_identifier, extension_installed, warnings })
+}
+
+/// The setup audit of a primary: settings that make commits wait for NATS
+/// or a failover unsafe. Run at each session start and by the slot watch,
+/// so that a setting changed later shows up within seconds.
+pub async fn primary_audit(sql: &mut Sql, cfg: &SourceConfig) -> Result<Vec<String>, Error> {
+    let rows = sql
+        .rows(&format!(
+            "SELECT current_setting('server_version_num'), current_setting('synchronous_standby_names'), \
+                    coalesce(current_setting('synchronized_standby_slots', true), ''), \
+                    EXISTS (SELECT FROM pg_replication_slots WHERE slot_type = 'physical')::text, \
+                    (SELECT to_jsonb(s) ->> 'failover' FROM pg_replication_slots s WHERE slot_name = {})",
+            quote_literal(&cfg.slot)
+        ))
+        .await?;
+    let row = rows.into_iter().next().unwrap_or_default();
+    let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let mut findings: Vec<String> =
+        audit::sync_standby_warning(&text(1), STREAM_APPLICATION_NAME).into_iter().collect();
+    let settings = audit::PrimarySettings {
+        version_num: text(0).parse().unwrap_or(0),
+        failover_wanted: cfg.failover_slot,
+        slot_is_failover: text(4) == "true",
+        synchronized_standby_slots: text(2),
+        has_standbys: text(3) == "true",
+    };
+    findings.extend(audit::primary_findings(&settings, &cfg.slot));
+    Ok(findings)
 }
 
 /// What makes a promotion of this standby unsafe for the worker.

@@ -10,8 +10,6 @@ use crate::{Error, Lsn};
 /// The slot as [`ensure`] left it.
 pub struct Ensured {
     pub created: bool,
-    /// A failover slot, synced to standbys (PostgreSQL 17+).
-    pub failover: bool,
 }
 
 /// Makes sure the slot exists, as a failover slot when `failover`.
@@ -69,12 +67,10 @@ pub async fn ensure(
             cfg.slot
         )));
     }
-    let mut is_failover = is_failover.as_deref() == Some("true");
-    if has_failover && is_failover != failover {
+    if has_failover && (is_failover.as_deref() == Some("true")) != failover {
         // Possible while no walsender holds the slot, as before START_REPLICATION.
         sql.execute(&format!("ALTER_REPLICATION_SLOT {} (FAILOVER {failover})", quote_ident(&cfg.slot)))
             .await?;
-        is_failover = failover;
     }
     if extension_installed {
         sql.execute(&format!(
@@ -83,7 +79,7 @@ pub async fn ensure(
         ))
         .await?;
     }
-    Ok(Ensured { created, failover: is_failover })
+    Ok(Ensured { created })
 }
 
 /// Whether the worker streamed from `slot` before (the extension's record).
@@ -122,12 +118,20 @@ impl SlotRetention {
     }
 }
 
-/// Reads the slot's WAL retention (`None` while the slot does not exist)
-/// and, with `heartbeat`, first writes a heartbeat message into the WAL so
-/// that the slot has something of this database to move past. One short
-/// session for both.
-pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Option<SlotRetention>, Error> {
+/// What [`check`] found.
+pub struct Checked {
+    /// `None` while the slot does not exist.
+    pub retention: Option<SlotRetention>,
+    /// The primary's setup audit.
+    pub warnings: Vec<String>,
+}
+
+/// Reads the slot's WAL retention and the setup audit and, with
+/// `heartbeat`, first writes a heartbeat message into the WAL so that the
+/// slot has something of this database to move past. One short session.
+pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Checked, Error> {
     let mut sql = Sql::side(cfg).await?;
+    let warnings = crate::replication::primary_audit(&mut sql, cfg).await?;
     if heartbeat {
         sql.execute(&format!(
             "SELECT pg_logical_emit_message(false, {}, '')",
@@ -141,13 +145,13 @@ pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Option<SlotRet
            FROM pg_replication_slots WHERE slot_name = {}",
         quote_literal(&cfg.slot)
     );
-    let Some(row) = sql.rows(&query).await?.into_iter().next() else {
-        return Ok(None);
-    };
-    let number = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
-    Ok(Some(SlotRetention {
-        // NULL once the slot is invalidated: nothing retained any more.
-        retained_bytes: number(0).unwrap_or(0).max(0) as u64,
-        limit_bytes: number(1).filter(|&limit| limit >= 0).map(|limit| limit as u64),
-    }))
+    let retention = sql.rows(&query).await?.into_iter().next().map(|row| {
+        let number = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+        SlotRetention {
+            // NULL once the slot is invalidated: nothing retained any more.
+            retained_bytes: number(0).unwrap_or(0).max(0) as u64,
+            limit_bytes: number(1).filter(|&limit| limit >= 0).map(|limit| limit as u64),
+        }
+    });
+    Ok(Checked { retention, warnings })
 }
