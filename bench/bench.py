@@ -94,6 +94,10 @@ class Bench:
         self.pg.start()
         self.pg.execute("CREATE DATABASE app", dbname="postgres")
         self.nats = Nats(port=self.nats_port)
+        # Rows from before the extension: only a backfill publishes them.
+        self.backfill_rows = scaled(500_000)
+        self.pg.execute(f"CREATE TABLE bench_backfill {NARROW_TABLE}")
+        self.pg.execute(f"INSERT INTO bench_backfill(n) SELECT generate_series(1, {self.backfill_rows})")
         self.pg.execute("CREATE EXTENSION wal_listener")
         self.pg.wait_for_state("streaming", 60)
         with self.pg.connect() as conn:
@@ -204,25 +208,48 @@ class Bench:
             "e2e_s": last - t0, "rss_mib": rss, "cpu_pct": cpu_pct,
         }
 
-    def latency(self, rate: int = 1000, seconds: int = 20):
-        print(f"== latency at {rate} tx/s for {seconds} s", flush=True)
+    def backfill(self):
+        """A backfill of bench_backfill (rows from before the extension),
+        with the latency of live single-row transactions measured meanwhile."""
+        print(f"== backfill of {self.backfill_rows} rows, latency meanwhile", flush=True)
+        self.ensure_nats()
+        before = stream_count(self.nats.url)
+        t = time.monotonic()
+        backfill_id = self.pg.execute("SELECT wal_listener.backfill('bench_backfill') AS id")[0]["id"]
+        self.latency(seconds=10, key="latency_during_backfill")
+        row = wait_until(lambda: (r := self.pg.execute(
+            "SELECT state, rows_done, extract(epoch FROM finished_at - started_at) AS s FROM wal_listener.backfills "
+            "WHERE id = %s", (backfill_id,))[0])["state"] == "done" and r, 3600, "the backfill", 0.5)
+        if row["rows_done"] != self.backfill_rows:
+            raise RuntimeError(f"backfill published {row['rows_done']} rows, expected {self.backfill_rows}")
+        self.results["backfill"] = {"rows": row["rows_done"], "seconds": float(row["s"]),
+                                    "rows_per_s": row["rows_done"] / float(row["s"]),
+                                    "wall_s": time.monotonic() - t, "events_before": before}
+        print(json.dumps(self.results["backfill"]), flush=True)
+
+    def ensure_nats(self):
         if self.nats is None:
             self.nats = Nats(port=self.nats_port)
             self.pg.execute("SELECT wal_listener.restart()")
             self.pg.wait_for_state("streaming", 30)
+
+    def latency(self, rate: int = 1000, seconds: int = 20, key: str = "latency"):
+        print(f"== latency at {rate} tx/s for {seconds} s", flush=True)
+        self.ensure_nats()
+        before = self.pg.execute("SELECT count(*) AS n FROM bench_latency")[0]["n"]
         subscriber = LatencySubscriber(self.nats.url)
         script = self.pg.dir / "latency.sql"
         script.write_text("INSERT INTO bench_latency(n) VALUES (1);\n")
         self.pg_tool("pgbench", "-n", "-c", "2", "-j", "2", "-R", str(rate), "-T", str(seconds), "-f", str(script), "app")
-        sent = self.pg.execute("SELECT count(*) AS n FROM bench_latency")[0]["n"]
+        sent = self.pg.execute("SELECT count(*) AS n FROM bench_latency")[0]["n"] - before
         wait_until(lambda: len(subscriber.latencies) >= sent, 60, f"{sent} latency events")
         latencies = sorted(subscriber.stop())
         ms = [x * 1000 for x in latencies]
-        self.results["latency"] = {
+        self.results[key] = {
             "rate": rate, "seconds": seconds, "events": len(ms), "p50_ms": statistics.median(ms),
             "p99_ms": ms[int(len(ms) * 0.99) - 1], "max_ms": ms[-1],
         }
-        print(json.dumps(self.results["latency"]), flush=True)
+        print(json.dumps(self.results[key]), flush=True)
 
     def pgbench(self, seconds: int = 20):
         """TPS of single-row inserts (4 clients) with the worker streaming, then
@@ -336,7 +363,8 @@ class LatencySubscriber:
             commit = datetime.fromisoformat(self.PATTERN.search(msg.data).group(1).decode())
             self.latencies.append(received - commit.timestamp())
 
-        await nc.subscribe(f"{STREAM}.>", cb=on_message)
+        # Only the latency table: a backfill's READ events carry the read time.
+        await nc.subscribe(f"{STREAM}.public_bench_latency", cb=on_message)
         self._ready.set()
         await self._stop.wait()
         await nc.close()
@@ -392,6 +420,14 @@ def report(results: dict) -> str:
         lat = results["latency"]
         lines += ["", f"Commit-to-subscriber latency at {lat['rate']} tx/s for {lat['seconds']} s ({lat['events']:,} events): "
                   f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms."]
+    if "backfill" in results:
+        b, during = results["backfill"], results.get("latency_during_backfill")
+        decode = next((w["decode_eps"] for w in results["workloads"] if w["name"] == "one big txn"), None)
+        lines += ["", f"Backfill of {b['rows']:,} narrow rows: {b['seconds']:.1f} s, {b['rows_per_s']:,.0f} rows/s"
+                  + (f" (decode-only of the same rows as one transaction: {decode:,.0f} ev/s)." if decode else ".")]
+        if during:
+            lines += [f"Latency at {during['rate']} tx/s during the backfill ({during['events']:,} events): "
+                      f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, max {during['max_ms']:.1f} ms."]
     if "pgbench" in results:
         pgb = results["pgbench"]
         base = pgb["no worker"]
@@ -447,6 +483,7 @@ def main():
                        f"INSERT INTO bench_bulk(n) SELECT generate_series(1, {scaled(1_000_000)})")
         bench.workload("wide rows", scaled(100_000), f"CALL bench_wide_rows({scaled(100_000)}, 1000)")
         bench.latency()
+        bench.backfill()
         bench.pgbench()
     finally:
         bench.close()

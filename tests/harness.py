@@ -386,3 +386,30 @@ class PeakMemory(threading.Thread):
     @property
     def peak_mib(self) -> float:
         return self.peak_kib / 1024
+
+
+async def _event_bodies(url: str, stream: str) -> list[dict]:
+    nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        expected = (await js.stream_info(stream)).state.messages
+        bodies: list[dict] = []
+        done = asyncio.Event()
+
+        async def on_message(msg):
+            bodies.append(json.loads(msg.data))
+            if len(bodies) == expected:
+                done.set()
+
+        if expected:
+            sub = await js.subscribe(f"{stream}.>", ordered_consumer=True, cb=on_message, pending_msgs_limit=500_000)
+            await asyncio.wait_for(done.wait(), timeout=300)
+            await sub.unsubscribe()
+        return bodies
+    finally:
+        await nc.close()
+
+
+def event_bodies(url: str, stream: str = "wal_listener") -> list[dict]:
+    """Every event body in stream order (fast: an ordered consumer)."""
+    return asyncio.run(_event_bodies(url, stream))

@@ -143,7 +143,7 @@ def test_failover_to_the_standby_loses_and_duplicates_nothing(primary_and_standb
     )
     waiting = wait_until(lambda: (s := standby_status(standby))["warnings"] == [] and s, 30, "a clean standby audit")
     assert waiting["state"] == "waiting" and "standby" in waiting["last_error"], waiting
-    assert primary.status()["warnings"] == []
+    wait_until(lambda: primary.status()["warnings"] == [], 30, "a clean primary audit")
 
     loader = Loader(primary, rows=3000, pause=0.005)
     loader.start()

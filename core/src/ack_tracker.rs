@@ -81,6 +81,11 @@ impl<T> AckTracker<T> {
         self.in_transaction = true;
     }
 
+    /// Every publish before this sequence is acked.
+    pub fn next_unacked(&self) -> u64 {
+        self.first
+    }
+
     /// The sequence the next publish gets.
     pub fn next_sequence(&self) -> u64 {
         self.first + self.pending.len() as u64

@@ -35,6 +35,8 @@ fn action_bit(action: Action) -> u8 {
         Action::Update => 2,
         Action::Delete => 4,
         Action::Truncate => 8,
+        // A backfilled row passes where an INSERT of it would.
+        Action::Read => 1,
     }
 }
 

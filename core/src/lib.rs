@@ -7,6 +7,7 @@
 
 pub mod ack_tracker;
 pub mod audit;
+pub mod backfill;
 pub mod config;
 pub mod error;
 pub mod event;

@@ -84,6 +84,8 @@ pub struct StatusSnapshot {
     pub last_error_at: i64,
     /// The setup audit's findings: what to change, one line each.
     pub warnings: Vec<String>,
+    /// The running backfill's progress, if one runs.
+    pub backfill: Option<String>,
 }
 
 /// Keeps at most this many unread log lines: a host that stops reading
@@ -106,6 +108,7 @@ pub struct StatusBoard {
     last_progress_wake: AtomicI64,
     last_error: Mutex<Option<(String, i64)>>,
     warnings: Mutex<Vec<(WarningSource, Vec<String>)>>,
+    backfill: Mutex<Option<String>>,
     /// Whether a session holds the slot and streams (publishing or not).
     slot_active: AtomicBool,
     log: Mutex<VecDeque<LogLine>>,
@@ -126,6 +129,7 @@ impl StatusBoard {
             last_progress_wake: AtomicI64::new(0),
             last_error: Mutex::new(None),
             warnings: Mutex::new(Vec::new()),
+            backfill: Mutex::new(None),
             slot_active: AtomicBool::new(false),
             log: Mutex::new(VecDeque::new()),
             wake_host,
@@ -200,6 +204,15 @@ impl StatusBoard {
         (self.wake_host)();
     }
 
+    pub fn set_backfill(&self, progress: Option<String>) {
+        let mut backfill = lock(&self.backfill);
+        if *backfill != progress {
+            *backfill = progress;
+            drop(backfill);
+            (self.wake_host)();
+        }
+    }
+
     /// Records an error for `status()` and logs it as a warning.
     pub fn report_error(&self, message: String) {
         *lock(&self.last_error) = Some((message.clone(), unix_micros_now()));
@@ -243,6 +256,7 @@ impl StatusBoard {
             last_error,
             last_error_at,
             warnings: lock(&self.warnings).iter().flat_map(|(_, lines)| lines.iter().cloned()).collect(),
+            backfill: lock(&self.backfill).clone(),
         }
     }
 }

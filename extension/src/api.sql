@@ -180,6 +180,100 @@ END
 $$;
 COMMENT ON FUNCTION remove_filter(regclass) IS 'Removes the filter of tbl; true when there was one.';
 
+-- Backfills (DESIGN.md section 6): existing rows as READ events. The
+-- worker runs one job at a time, saving its progress after each chunk.
+-- Not dumped: jobs belong to this cluster's stream.
+CREATE TABLE backfill_jobs (
+    id bigserial PRIMARY KEY,
+    tbl regclass NOT NULL,
+    where_clause text,
+    state text NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'running', 'done', 'cancelled', 'failed')),
+    rows_done bigint NOT NULL DEFAULT 0,
+    rows_estimated bigint,
+    chunks_done bigint NOT NULL DEFAULT 0,
+    -- The key of the last row of the last finished chunk: a restart resumes after it.
+    last_key text[],
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    requested_by name NOT NULL DEFAULT session_user,
+    started_at timestamptz,
+    finished_at timestamptz,
+    last_error text
+);
+CREATE UNIQUE INDEX backfill_jobs_one_active_per_table ON backfill_jobs (tbl) WHERE state IN ('pending', 'running');
+REVOKE ALL ON backfill_jobs FROM PUBLIC;
+
+CREATE VIEW backfills AS
+    SELECT j.id, j.tbl AS "table", j.state, j.rows_done, j.rows_estimated, j.started_at, j.finished_at, j.last_error
+      FROM @extschema@.backfill_jobs j;
+COMMENT ON VIEW backfills IS 'Backfills and their progress.';
+
+CREATE FUNCTION backfill(tbl regclass, where_clause text DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_kind "char";
+    v_schema name;
+    v_name name;
+    v_publication text := current_setting('wal_listener.publication');
+    v_running bigint;
+    v_id bigint;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'tbl must not be NULL; pass a table, e.g. ''public.orders''';
+    END IF;
+    SELECT c.relkind, n.nspname, c.relname INTO v_kind, v_schema, v_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    IF v_kind IS DISTINCT FROM 'r' THEN
+        RAISE EXCEPTION '% is not a table (relkind %); backfills read ordinary tables%', tbl,
+            coalesce(v_kind::text, 'unknown'),
+            CASE WHEN v_kind = 'p' THEN '; backfill each partition' ELSE '' END;
+    END IF;
+    IF v_schema = '@extschema@' THEN
+        RAISE EXCEPTION '% belongs to wal_listener, whose tables are never published', tbl;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_publication_tables t
+                    WHERE t.pubname = v_publication AND t.schemaname = v_schema AND t.tablename = v_name) THEN
+        RAISE EXCEPTION '% is not in publication %, so the worker publishes none of its changes', tbl, v_publication;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_index i
+                    WHERE i.indrelid = tbl AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+                      AND i.indexprs IS NULL
+                      AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = tbl
+                                        AND a.attnum = ANY (i.indkey) AND NOT a.attnotnull)) THEN
+        RAISE EXCEPTION '% has no primary key or unique index on NOT NULL columns, which a backfill reads it by', tbl
+            USING HINT = format('Add one, e.g. ALTER TABLE %s ADD PRIMARY KEY (id);', tbl);
+    END IF;
+    IF where_clause IS NOT NULL THEN
+        BEGIN
+            PERFORM @extschema@._check_where_clause(tbl::text, where_clause);
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'where_clause % is not a condition on % alone: %', quote_literal(where_clause), tbl, SQLERRM;
+        END;
+    END IF;
+    SELECT j.id INTO v_running FROM @extschema@.backfill_jobs j
+     WHERE j.tbl = backfill.tbl AND j.state IN ('pending', 'running');
+    IF FOUND THEN
+        RAISE EXCEPTION 'backfill % of % has not finished; wait for it or cancel it: SELECT wal_listener.cancel_backfill(%)',
+            v_running, tbl, v_running;
+    END IF;
+    INSERT INTO @extschema@.backfill_jobs (tbl, where_clause) VALUES (tbl, where_clause) RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION backfill(regclass, text) IS
+    'Publishes the rows tbl has (matching where_clause) as READ events, consistent with the live stream; returns the id.';
+
+CREATE FUNCTION cancel_backfill(id bigint) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH cancelled AS (
+        UPDATE @extschema@.backfill_jobs j SET state = 'cancelled', finished_at = now()
+         WHERE j.id = cancel_backfill.id AND j.state IN ('pending', 'running') RETURNING 1)
+    SELECT EXISTS (SELECT FROM cancelled)
+$$;
+COMMENT ON FUNCTION cancel_backfill(bigint) IS 'Stops a backfill after its current chunk; true when it was pending or running.';
+
 CREATE FUNCTION restart() RETURNS boolean
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT @extschema@._request_restart() $$;
@@ -229,7 +323,8 @@ CREATE FUNCTION status(
     OUT last_error_time timestamptz,
     OUT last_event_time timestamptz,
     OUT started_at timestamptz,
-    OUT warnings text[])
+    OUT warnings text[],
+    OUT backfill text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     WITH here AS (
@@ -259,7 +354,8 @@ AS $$
            to_timestamp(w.started_at_us / 1e6),
            -- Settings the worker reads once per session, and this one read now.
            w.warnings || CASE WHEN h.sync_warning IS NULL OR h.sync_warning = ANY (w.warnings) THEN '{}'::text[]
-                              ELSE ARRAY[h.sync_warning] END
+                              ELSE ARRAY[h.sync_warning] END,
+           w.backfill
       FROM @extschema@._worker_status() w
      CROSS JOIN here h
       LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('wal_listener.slot_name')
@@ -271,10 +367,11 @@ COMMENT ON FUNCTION status() IS 'State of the wal_listener worker: one row.';
 -- refused by name ("permission denied for function add_filter").
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 REVOKE ALL ON FUNCTION add_filter(regclass, text[], text), remove_filter(regclass), restart(), reset_slot(),
+    backfill(regclass, text), cancel_backfill(bigint), _check_where_clause(text, text),
     _write_filters(regclass, boolean, text[], text), _next_rules(bigint, regclass, boolean, text[], text),
     _announce_filter_change(), _request_restart(),
     _normalize_actions(text[]), _check_subject(text), _sync_standby_warning(text), _worker_status(), status()
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION status() TO pg_monitor;
-REVOKE ALL ON filters FROM PUBLIC;
-GRANT SELECT ON filters TO pg_monitor;
+REVOKE ALL ON filters, backfills FROM PUBLIC;
+GRANT SELECT ON filters, backfills TO pg_monitor;

@@ -12,6 +12,8 @@ use wal_listener_core::status::{State, StatusSnapshot};
 const ERROR_CAPACITY: usize = 1024;
 /// Room for the setup audit's warnings, joined by newlines.
 const WARNINGS_CAPACITY: usize = 2048;
+/// Room for the running backfill's progress line.
+const BACKFILL_CAPACITY: usize = 256;
 
 #[derive(Clone, Copy)]
 pub struct WorkerStatus {
@@ -34,6 +36,8 @@ pub struct WorkerStatus {
     last_error: [u8; ERROR_CAPACITY],
     warnings_len: usize,
     warnings: [u8; WARNINGS_CAPACITY],
+    backfill_len: usize,
+    backfill: [u8; BACKFILL_CAPACITY],
 }
 
 const NOT_STARTED: u8 = u8::MAX;
@@ -56,6 +60,8 @@ impl Default for WorkerStatus {
             last_error: [0; ERROR_CAPACITY],
             warnings_len: 0,
             warnings: [0; WARNINGS_CAPACITY],
+            backfill_len: 0,
+            backfill: [0; BACKFILL_CAPACITY],
         }
     }
 }
@@ -148,6 +154,7 @@ pub fn publish(snapshot: &StatusSnapshot) -> Requests {
     status.last_error_at = snapshot.last_error_at;
     status.last_error_len = copy_text(snapshot.last_error.as_deref().unwrap_or(""), &mut status.last_error);
     status.warnings_len = copy_text(&snapshot.warnings.join("\n"), &mut status.warnings);
+    status.backfill_len = copy_text(snapshot.backfill.as_deref().unwrap_or(""), &mut status.backfill);
     Requests { restart: status.restart_requests, slot: status.slot_requests }
 }
 
@@ -183,6 +190,7 @@ pub struct StatusRow {
     pub last_error_at: Option<i64>,
     pub started_at: Option<i64>,
     pub warnings: Vec<String>,
+    pub backfill: Option<String>,
 }
 
 /// Reads the status; `None` when the library was not preloaded.
@@ -213,5 +221,6 @@ pub fn read() -> Option<StatusRow> {
         last_error_at: nonzero(s.last_error_at),
         started_at: nonzero(s.started_at),
         warnings: text(&s.warnings[..s.warnings_len]).lines().map(str::to_owned).collect(),
+        backfill: Some(text(&s.backfill[..s.backfill_len])).filter(|b| !b.is_empty()),
     })
 }

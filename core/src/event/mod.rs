@@ -22,6 +22,8 @@ pub enum Action {
     Update,
     Delete,
     Truncate,
+    /// An existing row, sent by a backfill: shaped like an INSERT.
+    Read,
 }
 
 impl Action {
@@ -31,6 +33,7 @@ impl Action {
             Action::Update => "UPDATE",
             Action::Delete => "DELETE",
             Action::Truncate => "TRUNCATE",
+            Action::Read => "READ",
         }
     }
 }
@@ -97,6 +100,19 @@ impl EventIds {
         }
     }
 
+    /// The id of the row with key `key` (its key columns' text, see
+    /// [`crate::backfill`]) sent by backfill `backfill`: the same row of the
+    /// same backfill always gets the same id, so a replayed chunk is dropped
+    /// by JetStream's dedupe. No commit position: the chunk size adapts, so
+    /// a replay may cut chunks differently.
+    pub fn backfill_id(&self, backfill: i64, key: &[u8]) -> Uuid {
+        let mut name = self.name_prefix.clone();
+        name.extend_from_slice(b"backfill\0");
+        name.extend_from_slice(&backfill.to_be_bytes());
+        name.extend_from_slice(key);
+        Uuid::new_v5(&EVENT_ID_NAMESPACE, &name)
+    }
+
     /// [`id`](Self::id) as lower-case hyphenated text, written into `buf`.
     pub fn id_text<'b>(&self, commit_lsn: Lsn, ordinal: u32, buf: &'b mut [u8; 36]) -> &'b str {
         self.id(commit_lsn, ordinal).hyphenated().encode_lower(buf)
@@ -135,6 +151,17 @@ pub fn encode_event(
     change: &RowChange<'_, '_>,
     position: &Position,
 ) -> Result<(), EventError> {
+    encode_event_with(out, id, change, position, None)
+}
+
+/// [`encode_event`], plus `"backfill": <id>` for a row sent by a backfill.
+pub fn encode_event_with(
+    out: &mut Vec<u8>,
+    id: &str,
+    change: &RowChange<'_, '_>,
+    position: &Position,
+    backfill: Option<i64>,
+) -> Result<(), EventError> {
     let relation = change.relation;
     out.extend_from_slice(b"{\"id\":\"");
     out.extend_from_slice(id.as_bytes());
@@ -172,6 +199,10 @@ pub fn encode_event(
     if !unchanged_toast.is_empty() {
         out.extend_from_slice(b",\"unchangedToast\":");
         write_names(out, unchanged_toast.into_iter());
+    }
+    if let Some(backfill) = backfill {
+        out.extend_from_slice(b",\"backfill\":");
+        json::write_decimal(out, backfill.unsigned_abs(), 0);
     }
     out.push(b'}');
     Ok(())

@@ -9,15 +9,16 @@ mod streamer;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
+use crate::backfill;
 use crate::config::{redact_url, PipelineConfig};
 use crate::publish::Publisher;
 use crate::replication::{self, Capture, OpenError};
 use crate::slot_watch;
 use crate::status::{LogLevel, State, StatusBoard, WarningSource};
 use crate::Error;
-use streamer::{Start, Streamer};
+use streamer::{BackfillLink, Start, Streamer};
 
 /// How long to wait before checking again when streaming cannot start yet.
 const NOT_READY_RETRY: Duration = Duration::from_secs(2);
@@ -164,17 +165,54 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
                     redact_url(&cfg.publish.nats_url)
                 ),
             );
+            // Backfills run beside the streamer, and end with this session.
+            let (backfill, _backfill_task) = if cfg.source.require_extension {
+                let (to_streamer, from_task) = mpsc::channel(4);
+                let (done_tx, done_rx) = mpsc::unbounded_channel();
+                let run = session_token();
+                let task = tokio::spawn(backfill::run(
+                    cfg.source.clone(),
+                    cfg.source.publication.clone(),
+                    board.clone(),
+                    run,
+                    to_streamer,
+                    done_rx,
+                ));
+                (Some(BackfillLink { run, from_task, done: done_tx }), Some(AbortOnDrop(task)))
+            } else {
+                (None, None)
+            };
             let start = Start {
                 client: session.client,
                 system_identifier: session.system_identifier,
                 confirmed: session.start_lsn,
                 capture_from: from,
                 filters,
+                backfill,
             };
             Streamer::new(start, publisher, &cfg, board.clone()).run().await
         }
     };
     Err(OpenError::Failed(ended))
+}
+
+/// Aborts a task when the session that spawned it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A number that differs between sessions (nanoseconds of the clock and the
+/// process), naming this session's backfill watermarks.
+fn session_token() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (nanos ^ (u64::from(std::process::id()) << 40)) & (i64::MAX as u64)
 }
 
 /// Marks the slot as held by a session for as long as it lives (heartbeats

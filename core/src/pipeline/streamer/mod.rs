@@ -1,6 +1,8 @@
 //! One publishing session: receive pgoutput, decode, filter, encode,
 //! publish, collect PubAcks, and confirm what [`AckTracker`] allows.
 
+mod backfill;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,13 +19,15 @@ use crate::event::{
     ValueKind,
 };
 use crate::filters::{Decision, FilterChange, Filters};
-use crate::pgoutput::{self, Begin, Message, OldTuple, RelationCache, TupleData};
+use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
 use crate::publish::streams::default_subject_probe;
 use crate::publish::{Publisher, Reply, Sent, ACK_TIMEOUT};
 use crate::replication::config_store::{self, FilterVersion};
 use crate::replication::{self, catalog};
 use crate::status::{LogLevel, StatusBoard, WarningSource};
 use crate::{Error, Lsn};
+pub use backfill::BackfillLink;
+use backfill::BackfillState;
 
 /// How often the oldest unacked publish is checked against ACK_TIMEOUT.
 const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -46,6 +50,8 @@ pub struct Start {
     pub capture_from: Lsn,
     /// The filters in force at `confirmed`.
     pub filters: FilterVersion,
+    /// The channels to this session's backfill task, if one runs.
+    pub backfill: Option<BackfillLink>,
 }
 
 /// The transaction being received.
@@ -86,6 +92,7 @@ pub struct Streamer {
     transaction: Option<Transaction>,
     tracker: AckTracker<Arc<Route>>,
     read_ahead: ReadAhead,
+    backfill: Option<BackfillState>,
     /// Replies on the PubAck inbox that were not PubAcks (a core subscriber answered).
     foreign_replies: u64,
     /// Size of the last event, to allocate the next one once.
@@ -121,6 +128,7 @@ impl Streamer {
             transaction: None,
             tracker: AckTracker::new(start.confirmed),
             read_ahead: ReadAhead::new(max_in_flight_bytes / 4),
+            backfill: start.backfill.map(BackfillState::new),
             foreign_replies: 0,
             last_event_len: 256,
         }
@@ -203,6 +211,7 @@ impl Streamer {
                 if let Some(lsn) = confirm {
                     self.confirm(lsn);
                 }
+                self.report_acked_chunks();
                 Ok(())
             }
             Reply::Stored { stream, .. } => Err(Error::Nats(format!(
@@ -275,6 +284,11 @@ impl Streamer {
                 if prefix == replication::CONFIG_MESSAGE_PREFIX =>
             {
                 self.on_config_message(&content)
+            }
+            ReplicationEvent::Message { transactional: false, prefix, content, lsn }
+                if prefix == crate::backfill::store::WATERMARK_PREFIX =>
+            {
+                self.on_watermark(&content, lsn.into()).await
             }
             ReplicationEvent::Message { .. } => Ok(()),
             ReplicationEvent::StoppedAt { reached } => {
@@ -443,6 +457,9 @@ impl Streamer {
         if relation.namespace == replication::EXTENSION_SCHEMA {
             return Ok(());
         }
+        if let Some(backfill) = self.backfill.as_mut() {
+            backfill.note_change(relation, action, new, old);
+        }
         let subject_override = match self.filters.decide(relation_id, action) {
             Decision::Skip => {
                 self.board.add_filtered(1);
@@ -458,52 +475,84 @@ impl Streamer {
         let change = RowChange { relation, kinds, action, new, old };
         encode_event(&mut body, id, &change, &position)?;
         self.last_event_len = body.len();
-        let route = self
-            .routes
-            .entry(relation_id)
-            .or_insert_with(|| {
-                let subject = match subject_override {
-                    Some(subject) => subject.to_owned(),
-                    None => {
-                        default_subject(&self.topic, &self.topic_prefix, &relation.namespace, &relation.name)
-                    }
-                };
-                let stream = self.publisher.stream_for(&subject);
-                Arc::new(Route { subject: Subject::from(subject), stream })
-            })
-            .clone();
+        let route = route(
+            &mut self.routes,
+            &self.publisher,
+            (&self.topic, &self.topic_prefix),
+            relation,
+            subject_override,
+        );
+        let sent = send(&mut self.tracker, &self.publisher, route, id, body).await?;
+        let what = match sent {
+            Sent::TooLarge(_) => format!(
+                "event {id} for {} in the transaction committed at {}",
+                describe_row(&change),
+                position.commit_lsn
+            ),
+            Sent::Published => String::new(),
+        };
+        self.after_send(sent, what).await
+    }
 
-        let bytes = body.len();
-        let sequence = self.tracker.next_sequence();
-        match self.publisher.publish(&route.subject, id, Bytes::from(body), sequence).await? {
-            Sent::Published => {
-                self.tracker.published(route, bytes, Instant::now());
+    /// Counts an event too large for NATS, as `oversize_policy` says:
+    /// `what` names it.
+    async fn after_send(&mut self, sent: Sent, what: String) -> Result<(), Error> {
+        let Sent::TooLarge(why) = sent else { return Ok(()) };
+        match self.oversize_policy {
+            OversizePolicy::Error => {
+                // The events before it are sent: let them be stored and confirmed.
+                self.settle().await?;
+                Err(Error::Nats(format!(
+                    "{what} is larger than the NATS server's max_payload ({why}); nothing after it \
+                     is published until max_payload is raised or wal_listener.oversize_policy = skip"
+                )))
             }
-            Sent::TooLarge(why) => {
-                let what = format!(
-                    "event {id} for {} in the transaction committed at {}",
-                    describe_row(&change),
-                    position.commit_lsn
+            OversizePolicy::Skip => {
+                self.board.add_skipped(1);
+                self.board.log(
+                    LogLevel::Warning,
+                    format!("skipped {what}: larger than the NATS server's max_payload ({why})"),
                 );
-                match self.oversize_policy {
-                    OversizePolicy::Error => {
-                        // The events before it are sent: let them be stored and confirmed.
-                        self.settle().await?;
-                        return Err(Error::Nats(format!(
-                            "{what} is larger than the NATS server's max_payload ({why}); nothing after it \
-                             is published until max_payload is raised or wal_listener.oversize_policy = skip"
-                        )));
-                    }
-                    OversizePolicy::Skip => {
-                        self.board.add_skipped(1);
-                        self.board.log(
-                            LogLevel::Warning,
-                            format!("skipped {what}: larger than the NATS server's max_payload ({why})"),
-                        );
-                    }
-                }
+                Ok(())
             }
         }
-        Ok(())
     }
+}
+
+/// The route of a table's events, cached per relation id.
+fn route(
+    routes: &mut HashMap<u32, Arc<Route>>,
+    publisher: &Publisher,
+    (topic, topic_prefix): (&str, &str),
+    relation: &Relation,
+    subject_override: Option<&str>,
+) -> Arc<Route> {
+    routes
+        .entry(relation.id)
+        .or_insert_with(|| {
+            let subject = match subject_override {
+                Some(subject) => subject.to_owned(),
+                None => default_subject(topic, topic_prefix, &relation.namespace, &relation.name),
+            };
+            let stream = publisher.stream_for(&subject);
+            Arc::new(Route { subject: Subject::from(subject), stream })
+        })
+        .clone()
+}
+
+/// Publishes one event and tracks it for its PubAck.
+async fn send(
+    tracker: &mut AckTracker<Arc<Route>>,
+    publisher: &Publisher,
+    route: Arc<Route>,
+    id: &str,
+    body: Vec<u8>,
+) -> Result<Sent, Error> {
+    let bytes = body.len();
+    let sequence = tracker.next_sequence();
+    let sent = publisher.publish(&route.subject, id, Bytes::from(body), sequence).await?;
+    if let Sent::Published = sent {
+        tracker.published(route, bytes, Instant::now());
+    }
+    Ok(sent)
 }
