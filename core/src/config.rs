@@ -35,9 +35,21 @@ pub struct PublishConfig {
     pub max_in_flight_bytes: usize,
     /// Replicas of the stream the worker creates (3 on a NATS cluster).
     pub stream_replicas: usize,
+    pub publish_mode: PublishMode,
     pub auth: NatsAuth,
     pub tls: NatsTls,
     pub oversize_policy: OversizePolicy,
+}
+
+/// How a transaction's events go to JetStream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PublishMode {
+    /// One message at a time, pipelined.
+    #[default]
+    Event,
+    /// Each transaction as one atomic batch (NATS 2.12+), so consumers
+    /// never see part of one; larger ones fall back to `Event`.
+    Transaction,
 }
 
 /// What to do with an event larger than the NATS server's `max_payload`.

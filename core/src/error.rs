@@ -17,6 +17,9 @@ pub enum Error {
     Setup(String),
     /// NATS or JetStream refused or failed.
     Nats(String),
+    /// Not a failure: the session must start over at once (e.g. to replay
+    /// transactions one event at a time). Logged, not shown as an error.
+    Restart(String),
 }
 
 impl fmt::Display for Error {
@@ -27,6 +30,7 @@ impl fmt::Display for Error {
             Error::Replication(e) => write!(f, "replication: {e}"),
             Error::Setup(e) => write!(f, "setup: {e}"),
             Error::Nats(e) => write!(f, "NATS: {e}"),
+            Error::Restart(e) => write!(f, "restarting the session: {e}"),
         }
     }
 }

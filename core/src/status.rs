@@ -75,6 +75,8 @@ pub struct StatusSnapshot {
     pub events_filtered: u64,
     /// Left out by `oversize_policy = skip`.
     pub events_skipped: u64,
+    /// Transactions sent one event at a time in `publish_mode = transaction`.
+    pub transactions_unbatched: u64,
     /// Highest LSN reported to the walsender as flushed.
     pub confirmed_lsn: Lsn,
     /// Unix microseconds; 0 = never.
@@ -102,6 +104,11 @@ pub struct StatusBoard {
     events_published: AtomicU64,
     events_filtered: AtomicU64,
     events_skipped: AtomicU64,
+    transactions_unbatched: AtomicU64,
+    /// Kept across sessions: transactions committed up to this position are
+    /// sent one event at a time (after an atomic batch was refused as a
+    /// duplicate, see the streamer).
+    per_event_until: AtomicU64,
     confirmed_lsn: AtomicU64,
     last_event_at: AtomicI64,
     /// When progress last woke the host (unix microseconds).
@@ -124,6 +131,8 @@ impl StatusBoard {
             events_published: AtomicU64::new(0),
             events_filtered: AtomicU64::new(0),
             events_skipped: AtomicU64::new(0),
+            transactions_unbatched: AtomicU64::new(0),
+            per_event_until: AtomicU64::new(0),
             confirmed_lsn: AtomicU64::new(0),
             last_event_at: AtomicI64::new(0),
             last_progress_wake: AtomicI64::new(0),
@@ -172,6 +181,18 @@ impl StatusBoard {
 
     pub fn add_skipped(&self, count: u64) {
         self.events_skipped.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub fn add_unbatched(&self, count: u64) {
+        self.transactions_unbatched.fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub fn per_event_until(&self) -> Lsn {
+        Lsn(self.per_event_until.load(Ordering::Relaxed))
+    }
+
+    pub fn set_per_event_until(&self, lsn: Lsn) {
+        self.per_event_until.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
     pub fn set_confirmed_lsn(&self, lsn: Lsn) {
@@ -251,6 +272,7 @@ impl StatusBoard {
             events_published: self.events_published.load(Ordering::Relaxed),
             events_filtered: self.events_filtered.load(Ordering::Relaxed),
             events_skipped: self.events_skipped.load(Ordering::Relaxed),
+            transactions_unbatched: self.transactions_unbatched.load(Ordering::Relaxed),
             confirmed_lsn: Lsn(self.confirmed_lsn.load(Ordering::Relaxed)),
             last_event_at: self.last_event_at.load(Ordering::Relaxed),
             last_error,

@@ -324,7 +324,8 @@ CREATE FUNCTION status(
     OUT last_event_time timestamptz,
     OUT started_at timestamptz,
     OUT warnings text[],
-    OUT backfill text)
+    OUT backfill text,
+    OUT transactions_unbatched bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     WITH here AS (
@@ -355,7 +356,8 @@ AS $$
            -- Settings the worker reads once per session, and this one read now.
            w.warnings || CASE WHEN h.sync_warning IS NULL OR h.sync_warning = ANY (w.warnings) THEN '{}'::text[]
                               ELSE ARRAY[h.sync_warning] END,
-           w.backfill
+           w.backfill,
+           w.transactions_unbatched
       FROM @extschema@._worker_status() w
      CROSS JOIN here h
       LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('wal_listener.slot_name')

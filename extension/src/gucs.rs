@@ -7,7 +7,7 @@ use pgrx::pg_guard;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use wal_listener_core::config::{
-    redact_url, NatsAuth, NatsTls, OversizePolicy, PipelineConfig, PublishConfig, SourceConfig,
+    redact_url, NatsAuth, NatsTls, OversizePolicy, PipelineConfig, PublishConfig, PublishMode, SourceConfig,
 };
 
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -35,9 +35,19 @@ static NATS_TLS_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CStr
 static NATS_TLS_REQUIRED: GucSetting<bool> = GucSetting::<bool>::new(false);
 static OVERSIZE_POLICY: GucSetting<OversizeSetting> =
     GucSetting::<OversizeSetting>::new(OversizeSetting::Error);
+static PUBLISH_MODE: GucSetting<PublishModeSetting> =
+    GucSetting::<PublishModeSetting>::new(PublishModeSetting::Event);
 static HEARTBEAT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 #[cfg(feature = "fault-injection")]
 static INJECT_FAULT: GucSetting<FaultSetting> = GucSetting::<FaultSetting>::new(FaultSetting::None);
+
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Debug)]
+enum PublishModeSetting {
+    #[name = c"event"]
+    Event,
+    #[name = c"transaction"]
+    Transaction,
+}
 
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Debug)]
 enum OversizeSetting {
@@ -226,6 +236,14 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_enum_guc(
+        c"wal_listener.publish_mode",
+        c"event: one message at a time; transaction: each transaction as one JetStream atomic batch (NATS 2.12+).",
+        c"A transaction larger than an atomic batch may be goes one event at a time.",
+        &PUBLISH_MODE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"wal_listener.heartbeat_interval",
         c"How often the worker writes a heartbeat into the WAL so the slot advances in quiet databases; 0 turns it off.",
@@ -317,6 +335,10 @@ fn publish_config() -> PublishConfig {
         max_in_flight: usize::try_from(MAX_IN_FLIGHT.get()).unwrap_or(1),
         max_in_flight_bytes: usize::try_from(MAX_IN_FLIGHT_BYTES_KB.get()).unwrap_or(1024) * 1024,
         stream_replicas: usize::try_from(STREAM_REPLICAS.get()).unwrap_or(1),
+        publish_mode: match PUBLISH_MODE.get() {
+            PublishModeSetting::Event => PublishMode::Event,
+            PublishModeSetting::Transaction => PublishMode::Transaction,
+        },
         auth: NatsAuth {
             user: text(&NATS_USER),
             password: text(&NATS_PASSWORD),

@@ -23,6 +23,7 @@ pub struct WorkerStatus {
     events_published: u64,
     events_filtered: u64,
     events_skipped: u64,
+    transactions_unbatched: u64,
     confirmed_lsn: u64,
     /// Unix microseconds, 0 = never.
     last_event_at: i64,
@@ -50,6 +51,7 @@ impl Default for WorkerStatus {
             events_published: 0,
             events_filtered: 0,
             events_skipped: 0,
+            transactions_unbatched: 0,
             confirmed_lsn: 0,
             last_event_at: 0,
             last_error_at: 0,
@@ -149,6 +151,7 @@ pub fn publish(snapshot: &StatusSnapshot) -> Requests {
     status.events_published = snapshot.events_published;
     status.events_filtered = snapshot.events_filtered;
     status.events_skipped = snapshot.events_skipped;
+    status.transactions_unbatched = snapshot.transactions_unbatched;
     status.confirmed_lsn = snapshot.confirmed_lsn.0;
     status.last_event_at = snapshot.last_event_at;
     status.last_error_at = snapshot.last_error_at;
@@ -184,6 +187,7 @@ pub struct StatusRow {
     pub events_published: i64,
     pub events_filtered: i64,
     pub events_skipped: i64,
+    pub transactions_unbatched: i64,
     pub confirmed_lsn: u64,
     pub last_event_at: Option<i64>,
     pub last_error: Option<String>,
@@ -215,6 +219,7 @@ pub fn read() -> Option<StatusRow> {
         events_published: s.events_published as i64,
         events_filtered: s.events_filtered as i64,
         events_skipped: s.events_skipped as i64,
+        transactions_unbatched: s.transactions_unbatched as i64,
         confirmed_lsn: s.confirmed_lsn,
         last_event_at: nonzero(s.last_event_at),
         last_error: Some(text(&s.last_error[..s.last_error_len])).filter(|e| !e.is_empty()),

@@ -105,6 +105,7 @@ fn _worker_status() -> TableIterator<
         name!(started_at_us, Option<i64>),
         name!(warnings, Vec<String>),
         name!(backfill, Option<String>),
+        name!(transactions_unbatched, i64),
     ),
 > {
     let row = match shmem::read() {
@@ -122,6 +123,7 @@ fn _worker_status() -> TableIterator<
             s.started_at,
             s.warnings,
             s.backfill,
+            s.transactions_unbatched,
         ),
         None => (
             "stopped".to_string(),
@@ -139,6 +141,7 @@ fn _worker_status() -> TableIterator<
             None,
             Vec::new(),
             None,
+            0,
         ),
     };
     TableIterator::once(row)

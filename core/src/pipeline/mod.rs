@@ -92,6 +92,11 @@ pub async fn run_supervised(
                 }
                 NOT_READY_RETRY
             }
+            Err(OpenError::Failed(Error::Restart(why))) => {
+                board.log(LogLevel::Info, format!("restarting the session: {why}"));
+                delay = None;
+                continue;
+            }
             Err(OpenError::Failed(error)) => {
                 waiting_reason = None;
                 // A session that streamed for a while earns a fresh, short delay.
@@ -189,6 +194,7 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
                 capture_from: from,
                 filters,
                 backfill,
+                token: session_token(),
             };
             Streamer::new(start, publisher, &cfg, board.clone()).run().await
         }

@@ -7,6 +7,7 @@
 //! oneshot channel, a multiplexer entry, a timer and a boxed future for
 //! every event. [`crate::ack_tracker::AckTracker`] tracks what is unacked.
 
+pub mod batch;
 pub mod pub_ack;
 pub mod streams;
 pub mod tls;
@@ -74,6 +75,11 @@ impl Publisher {
         let js = jetstream::context::ContextBuilder::new().timeout(ACK_TIMEOUT).build(client.clone());
         ensure_stream(&js, cfg, board).await?;
         let streams = list_streams(&js).await?;
+        if let Some(refusal) =
+            streams.refusal([streams::default_subject_probe(&cfg.topic, &cfg.topic_prefix).as_str()])
+        {
+            return Err(Error::Nats(refusal));
+        }
         let reply_prefix = format!("{}.", client.new_inbox());
         let acks = client
             .subscribe(format!("{reply_prefix}*"))
@@ -118,6 +124,39 @@ impl Publisher {
         }
     }
 
+    /// The NATS server's version and largest message.
+    pub fn server(&self) -> (String, usize) {
+        let info = self.client.server_info();
+        (info.version, info.max_payload)
+    }
+
+    /// Sends message `number` (from 1) of atomic batch `batch_id`; the last
+    /// one commits it and carries the reply subject of `sequence`, where
+    /// the batch's PubAck arrives (the others get no reply).
+    pub async fn publish_in_batch(
+        &self,
+        subject: &Subject,
+        message_id: &str,
+        payload: Bytes,
+        batch_id: &str,
+        number: usize,
+        commit_sequence: Option<u64>,
+    ) -> Result<(), Error> {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
+        headers.insert("Nats-Batch-Id", batch_id);
+        headers.insert("Nats-Batch-Sequence", number.to_string().as_str());
+        let published = match commit_sequence {
+            Some(sequence) => {
+                headers.insert("Nats-Batch-Commit", "1");
+                let reply = Subject::from(format!("{}{sequence}", self.reply_prefix));
+                self.client.publish_with_reply_and_headers(subject.clone(), reply, headers, payload).await
+            }
+            None => self.client.publish_with_headers(subject.clone(), headers, payload).await,
+        };
+        published.map_err(|e| Error::Nats(format!("publishing to {subject} failed: {e}")))
+    }
+
     /// Sends what the client has buffered.
     pub async fn flush(&self) -> Result<(), Error> {
         self.client.flush().await.map_err(|e| Error::Nats(format!("flushing publishes: {e}")))
@@ -146,7 +185,11 @@ async fn list_streams(js: &jetstream::Context) -> Result<StreamMap, Error> {
         .map_err(|e| Error::Nats(format!("listing JetStream streams: {e}")))?;
     Ok(StreamMap::new(infos.into_iter().map(|info| {
         let config = info.config;
-        StreamInfo::new(&config.name, config.subjects, config.num_replicas, config.duplicate_window)
+        let mut stream =
+            StreamInfo::new(&config.name, config.subjects, config.num_replicas, config.duplicate_window);
+        stream.allow_atomic = config.allow_atomic_publish;
+        stream.async_persist = config.persist_mode == Some(stream::PersistenceMode::Async);
+        stream
     })))
 }
 
@@ -250,6 +293,8 @@ async fn ensure_stream(
                 storage: stream::StorageType::File,
                 num_replicas: cfg.stream_replicas.max(1),
                 duplicate_window: Duration::from_secs(120),
+                // Atomic batches for publish_mode = transaction (ignored before NATS 2.12).
+                allow_atomic_publish: true,
                 ..Default::default()
             })
             .await

@@ -10,10 +10,12 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// JetStream stored the message in `stream` (or had it already: a replay
-    /// inside the duplicate window).
-    Stored { stream: String, duplicate: bool },
-    /// JetStream, or the server, refused it; says why.
-    Refused(String),
+    /// inside the duplicate window); for an atomic batch, `batch_count`
+    /// messages ending with this one.
+    Stored { stream: String, duplicate: bool, batch_count: Option<u64> },
+    /// JetStream, or the server, refused it: its error code (`err_code`,
+    /// when JetStream gave one) and why.
+    Refused { code: Option<u32>, why: String },
     /// Not a PubAck: some other subscriber answered. Confirms nothing.
     Foreign(String),
 }
@@ -24,6 +26,7 @@ struct PubAck {
     seq: Option<u64>,
     #[serde(default)]
     duplicate: bool,
+    count: Option<u64>,
     error: Option<ApiError>,
 }
 
@@ -37,29 +40,45 @@ struct ApiError {
 /// Reads one reply: `status` is the NATS status header, if any.
 pub fn parse(status: Option<StatusCode>, payload: &[u8]) -> Reply {
     if status == Some(StatusCode::NO_RESPONDERS) {
-        return Reply::Refused(
+        return refused(
             "no responders: no JetStream stream stores this subject (create one that does, or set \
              wal_listener.create_stream = on for the default subjects), or its stream has no leader now \
-             (a NATS cluster that lost its quorum)"
-                .into(),
+             (a NATS cluster that lost its quorum)",
         );
     }
     if let Some(status) = status.filter(|s| !s.is_success()) {
-        return Reply::Refused(format!("NATS status {status}"));
+        return refused(format!("NATS status {status}"));
     }
     match serde_json::from_slice::<PubAck>(payload) {
-        Ok(PubAck { error: Some(error), .. }) => Reply::Refused(format!(
-            "JetStream error {} ({}): {}",
-            error.code.map_or("?".into(), |c| c.to_string()),
-            error.err_code.map_or("?".into(), |c| c.to_string()),
-            error.description.as_deref().unwrap_or("no description")
-        )),
-        Ok(PubAck { stream: Some(stream), seq: Some(_), duplicate, error: None }) if !stream.is_empty() => {
-            Reply::Stored { stream, duplicate }
+        Ok(PubAck { error: Some(error), .. }) => Reply::Refused {
+            code: error.err_code,
+            why: format!(
+                "JetStream error {} ({}): {}",
+                error.code.map_or("?".into(), |c| c.to_string()),
+                error.err_code.map_or("?".into(), |c| c.to_string()),
+                error.description.as_deref().unwrap_or("no description")
+            ),
+        },
+        Ok(PubAck { stream: Some(stream), seq: Some(_), duplicate, count, error: None })
+            if !stream.is_empty() =>
+        {
+            Reply::Stored { stream, duplicate, batch_count: count }
         }
         _ => Reply::Foreign(preview(payload)),
     }
 }
+
+fn refused(why: impl Into<String>) -> Reply {
+    Reply::Refused { code: None, why: why.into() }
+}
+
+/// JetStream's answer to an atomic batch with a `Nats-Msg-Id` it stored
+/// before: the whole batch is refused, also when only one message is a
+/// duplicate (seen against nats-server 2.15), so it does not say that the
+/// batch is stored.
+pub const BATCH_HAS_DUPLICATE: u32 = 10201;
+/// Too many open atomic batches on the stream (50 by default).
+pub const TOO_MANY_BATCHES: u32 = 10210;
 
 /// The start of a foreign reply, for a log line.
 fn preview(payload: &[u8]) -> String {
@@ -80,11 +99,16 @@ mod tests {
     fn pub_acks_name_their_stream() {
         assert_eq!(
             parse(None, br#"{"stream":"wal_listener","seq":7}"#),
-            Reply::Stored { stream: "wal_listener".into(), duplicate: false }
+            Reply::Stored { stream: "wal_listener".into(), duplicate: false, batch_count: None }
         );
         assert_eq!(
             parse(None, br#"{"stream":"orders","seq":7,"duplicate":true,"domain":"hub"}"#),
-            Reply::Stored { stream: "orders".into(), duplicate: true }
+            Reply::Stored { stream: "orders".into(), duplicate: true, batch_count: None }
+        );
+        // An atomic batch's commit (nats-server 2.15).
+        assert_eq!(
+            parse(None, br#"{"stream":"S","seq":3,"batch":"b1","count":3}"#),
+            Reply::Stored { stream: "S".into(), duplicate: false, batch_count: Some(3) }
         );
     }
 

@@ -18,11 +18,22 @@ pub struct StreamInfo {
     pub subjects: Vec<String>,
     pub replicas: usize,
     pub duplicate_window: Duration,
+    /// Takes atomic batches (`allow_atomic`, NATS 2.12+).
+    pub allow_atomic: bool,
+    /// `persist_mode: async`: PubAcks before the data is on disk.
+    pub async_persist: bool,
 }
 
 impl StreamInfo {
     pub fn new(name: &str, subjects: Vec<String>, replicas: usize, duplicate_window: Duration) -> Self {
-        StreamInfo { name: Arc::from(name), subjects, replicas, duplicate_window }
+        StreamInfo {
+            name: Arc::from(name),
+            subjects,
+            replicas,
+            duplicate_window,
+            allow_atomic: true,
+            async_persist: false,
+        }
     }
 }
 
@@ -47,6 +58,26 @@ impl StreamMap {
         self.info_for(subject).map(|info| info.name.clone())
     }
 
+    /// Whether the stream named `stream` takes atomic batches.
+    pub fn allows_atomic(&self, stream: &str) -> bool {
+        self.streams.iter().any(|info| &*info.name == stream && info.allow_atomic)
+    }
+
+    /// A stream for `subjects` the worker must not publish to: one that acks
+    /// before the data is on disk, which would break "never confirm what is
+    /// not stored".
+    pub fn refusal<'s>(&self, subjects: impl IntoIterator<Item = &'s str>) -> Option<String> {
+        subjects.into_iter().filter_map(|subject| self.info_for(subject)).find(|info| info.async_persist).map(
+            |info| {
+                format!(
+                "stream {} has persist_mode async: its PubAck comes before the data is on disk, so an event \
+                 the worker confirms could be lost; set persist_mode to default (nats stream edit {})",
+                info.name, info.name
+            )
+            },
+        )
+    }
+
     /// The setup audit of the streams for `subjects`, (subject, what
     /// publishes to it) pairs: a subject no stream stores, and a stream
     /// with fewer replicas than `wanted_replicas` or a duplicate window
@@ -55,6 +86,7 @@ impl StreamMap {
         &self,
         subjects: impl IntoIterator<Item = (&'s str, &'s str)>,
         wanted_replicas: usize,
+        atomic_wanted: bool,
     ) -> Vec<String> {
         let mut findings = Vec::new();
         let mut streams: Vec<&StreamInfo> = Vec::new();
@@ -75,6 +107,14 @@ impl StreamMap {
                      losing a NATS node may lose stored events; raise its replicas (nats stream edit {} \
                      --replicas {wanted_replicas})",
                     info.name, info.replicas, info.name
+                ));
+            }
+            if atomic_wanted && !info.allow_atomic {
+                findings.push(format!(
+                    "stream {} does not allow atomic batches (allow_atomic, NATS 2.12+): with \
+                     wal_listener.publish_mode = transaction every transaction goes out one event at a time; \
+                     set allow_atomic on it",
+                    info.name
                 ));
             }
             if info.duplicate_window < REPLAY_BOUND {
@@ -155,7 +195,7 @@ mod tests {
         assert_eq!(map.stream_for("audit.inserts"), None);
         let probe = default_subject_probe("wal_listener", "");
         let subjects = [(probe.as_str(), "default"), ("audit.inserts", "public.t"), ("audit.updates", "x")];
-        let findings = map.audit(subjects, 1);
+        let findings = map.audit(subjects, 1, false);
         assert_eq!(findings.len(), 2, "{findings:?}");
         assert!(
             findings[0].starts_with("no JetStream stream stores subject audit.inserts (public.t)"),
@@ -163,8 +203,8 @@ mod tests {
             findings[0]
         );
         assert!(findings[1].starts_with("stream audit drops duplicates for 5 s only"), "{}", findings[1]);
-        assert!(map.audit([(probe.as_str(), "default")], 3).is_empty());
-        let findings = map.audit([("audit.updates", "x")], 3);
+        assert!(map.audit([(probe.as_str(), "default")], 3, true).is_empty());
+        let findings = map.audit([("audit.updates", "x")], 3, false);
         assert!(findings[0]
             .starts_with("stream audit has 1 replica(s), fewer than wal_listener.stream_replicas = 3"));
     }

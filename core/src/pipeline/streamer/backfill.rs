@@ -180,7 +180,7 @@ impl Streamer {
             let id = self.ids.backfill_id(chunk.id.backfill, &key).hyphenated().encode_lower(&mut id_buf);
             let mut body = Vec::with_capacity(self.last_event_len + 64);
             encode_event_with(&mut body, id, &change, &position, Some(chunk.id.backfill))?;
-            let sent = send(&mut self.tracker, &self.publisher, route.clone(), id, body).await?;
+            let sent = send(&mut self.tracker, &self.publisher, route.clone(), id, body.into()).await?;
             let what = match sent {
                 Sent::TooLarge(_) => {
                     format!("event {id} for {} sent by backfill {}", describe_row(&change), chunk.id.backfill)
@@ -218,7 +218,7 @@ impl Streamer {
     }
 
     /// Takes PubAcks until another publish fits the in-flight caps.
-    async fn wait_below_caps(&mut self) -> Result<(), Error> {
+    pub(super) async fn wait_below_caps(&mut self) -> Result<(), Error> {
         while !self.below_caps() {
             match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
                 Ok(reply) => {

@@ -13,6 +13,7 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
 use super::read_ahead::ReadAhead;
 use crate::ack_tracker::AckTracker;
+use crate::config::PublishMode;
 use crate::config::{OversizePolicy, PipelineConfig, SourceConfig};
 use crate::event::{
     default_subject, describe_row, encode_event, Action, EventIds, Position, RowChange, TypeCatalog,
@@ -20,6 +21,8 @@ use crate::event::{
 };
 use crate::filters::{Decision, FilterChange, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
+use crate::publish::batch::{batch_id, Fallback, Held, Limits, TransactionBatch};
+use crate::publish::pub_ack::{BATCH_HAS_DUPLICATE, TOO_MANY_BATCHES};
 use crate::publish::streams::default_subject_probe;
 use crate::publish::{Publisher, Reply, Sent, ACK_TIMEOUT};
 use crate::replication::config_store::{self, FilterVersion};
@@ -52,6 +55,8 @@ pub struct Start {
     pub filters: FilterVersion,
     /// The channels to this session's backfill task, if one runs.
     pub backfill: Option<BackfillLink>,
+    /// Differs between sessions: part of atomic batch ids.
+    pub token: u64,
 }
 
 /// The transaction being received.
@@ -63,6 +68,9 @@ struct Transaction {
     before_capture: bool,
     /// Filter versions this transaction wrote; the newest is in force from its commit.
     filter_change: Option<FilterChange>,
+    /// `publish_mode = transaction`, and this transaction goes one event at a
+    /// time: why (logged once), or a replay after a refused batch (`None`).
+    unbatched: Option<Option<Fallback>>,
 }
 
 pub struct Streamer {
@@ -93,6 +101,13 @@ pub struct Streamer {
     tracker: AckTracker<Arc<Route>>,
     read_ahead: ReadAhead,
     backfill: Option<BackfillState>,
+    publish_mode: PublishMode,
+    /// The open transaction's events, held for its atomic batch.
+    batch: TransactionBatch<Arc<Route>>,
+    batch_limits: Limits,
+    token: u64,
+    /// The newest commit sent in this session.
+    published_through: Lsn,
     /// Replies on the PubAck inbox that were not PubAcks (a core subscriber answered).
     foreign_replies: u64,
     /// Size of the last event, to allocate the next one once.
@@ -102,6 +117,7 @@ pub struct Streamer {
 impl Streamer {
     pub fn new(start: Start, publisher: Publisher, cfg: &PipelineConfig, board: Arc<StatusBoard>) -> Self {
         let max_in_flight_bytes = cfg.publish.max_in_flight_bytes.max(1);
+        let batch_limits_payload = publisher.server().1;
         start.client.update_applied_lsn(start.confirmed.into());
         board.set_confirmed_lsn(start.confirmed);
         Streamer {
@@ -129,6 +145,11 @@ impl Streamer {
             tracker: AckTracker::new(start.confirmed),
             read_ahead: ReadAhead::new(max_in_flight_bytes / 4),
             backfill: start.backfill.map(BackfillState::new),
+            publish_mode: cfg.publish.publish_mode,
+            batch: TransactionBatch::default(),
+            batch_limits: Limits { max_bytes: max_in_flight_bytes, max_payload: batch_limits_payload },
+            token: start.token,
+            published_through: Lsn(0),
             foreign_replies: 0,
             last_event_len: 256,
         }
@@ -203,12 +224,18 @@ impl Streamer {
             return Ok(()); // acked already
         };
         match reply {
-            Reply::Stored { stream, .. } if route.stream.as_deref() == Some(stream.as_str()) => {
-                let (newly_acked, confirm) = self.tracker.acked(sequence);
-                if newly_acked > 0 {
-                    self.board.add_published(newly_acked);
+            Reply::Stored { stream, batch_count, .. } if route.stream.as_deref() == Some(stream.as_str()) => {
+                // An atomic batch's PubAck answers all its messages, ending with this one.
+                let first = sequence.saturating_sub(batch_count.unwrap_or(1).saturating_sub(1));
+                let mut newest = None;
+                for acked in first..=sequence {
+                    let (newly_acked, confirm) = self.tracker.acked(acked);
+                    if newly_acked > 0 {
+                        self.board.add_published(newly_acked);
+                    }
+                    newest = confirm.or(newest);
                 }
-                if let Some(lsn) = confirm {
+                if let Some(lsn) = newest {
                     self.confirm(lsn);
                 }
                 self.report_acked_chunks();
@@ -220,10 +247,27 @@ impl Streamer {
                 route.subject,
                 route.stream.as_deref().map_or("no stream".to_owned(), |s| format!("stream {s}"))
             ))),
-            Reply::Refused(why) if self.tracker.awaits(sequence) => {
+            Reply::Refused { code: Some(BATCH_HAS_DUPLICATE), .. } => {
+                // A replay after a restart (or a transaction partly stored one
+                // event at a time before): JetStream refuses the whole batch,
+                // whichever of its messages it has. Send what this session sent
+                // again one event at a time: per-message dedupe drops what is
+                // stored and stores what is not.
+                self.board.set_per_event_until(self.published_through);
+                Err(Error::Restart(format!(
+                    "an atomic batch on {} holds an event JetStream stored before (error {BATCH_HAS_DUPLICATE}); \
+                     transactions up to {} go again one event at a time",
+                    route.subject, self.published_through
+                )))
+            }
+            Reply::Refused { code: Some(TOO_MANY_BATCHES), why } => Err(Error::Nats(format!(
+                "publishing to {}: {why}; other publishers hold the stream's open atomic batches",
+                route.subject
+            ))),
+            Reply::Refused { why, .. } if self.tracker.awaits(sequence) => {
                 Err(Error::Nats(format!("publishing to {} failed: {why}", route.subject)))
             }
-            Reply::Refused(_) | Reply::Foreign(_) => Ok(()),
+            Reply::Refused { .. } | Reply::Foreign(_) => Ok(()),
         }
     }
 
@@ -318,11 +362,21 @@ impl Streamer {
     fn begin(&mut self, begin: Begin) {
         self.tracker.begin();
         let before_capture = begin.final_lsn < self.capture_from;
-        self.transaction = Some(Transaction { begin, next_ordinal: 0, before_capture, filter_change: None });
+        let unbatched = (self.publish_mode == PublishMode::Transaction
+            && begin.final_lsn <= self.board.per_event_until())
+        .then_some(None);
+        self.transaction =
+            Some(Transaction { begin, next_ordinal: 0, before_capture, filter_change: None, unbatched });
     }
 
     async fn commit(&mut self, end_lsn: Lsn) -> Result<(), Error> {
         let transaction = self.transaction.take();
+        if let Some(transaction) = &transaction {
+            if !self.batch.is_empty() {
+                self.send_batch(transaction.begin.final_lsn).await?;
+            }
+            self.published_through = self.published_through.max(transaction.begin.final_lsn);
+        }
         if let Some(Transaction { begin, filter_change: Some(change), .. }) = transaction {
             self.apply_filter_change(&change, begin.final_lsn).await?;
         }
@@ -389,7 +443,13 @@ impl Streamer {
         let probe = default_subject_probe(&self.topic, &self.topic_prefix);
         let default = format!("the default subjects {}.{}<schema>_<table>", self.topic, self.topic_prefix);
         let subjects = std::iter::once((probe.as_str(), default.as_str())).chain(self.filters.subjects());
-        let findings = self.publisher.streams().audit(subjects, self.stream_replicas);
+        let streams = self.publisher.streams();
+        let subjects: Vec<(&str, &str)> = subjects.collect();
+        if let Some(refusal) = streams.refusal(subjects.iter().map(|(subject, _)| *subject)) {
+            return Err(Error::Nats(refusal));
+        }
+        let findings =
+            streams.audit(subjects, self.stream_replicas, self.publish_mode == PublishMode::Transaction);
         self.board.set_warnings(WarningSource::Streams, findings);
         Ok(())
     }
@@ -482,7 +542,25 @@ impl Streamer {
             relation,
             subject_override,
         );
-        let sent = send(&mut self.tracker, &self.publisher, route, id, body).await?;
+        if self.publish_mode == PublishMode::Transaction {
+            // The row is named now, while it is at hand, in case it is too large.
+            let row = (body.len() + 1024 > self.batch_limits.max_payload).then(|| describe_row(&change));
+            let commit_lsn = position.commit_lsn;
+            let held = Held { route, id: id.to_owned(), body: Bytes::from(body) };
+            let Some(held) = self.hold(held).await? else { return Ok(()) };
+            let sent = send(&mut self.tracker, &self.publisher, held.route, &held.id, held.body).await?;
+            let what = match (&sent, row) {
+                (Sent::TooLarge(_), Some(row)) => {
+                    format!("event {} for {row} in the transaction committed at {commit_lsn}", held.id)
+                }
+                (Sent::TooLarge(_), None) => {
+                    format!("event {} in the transaction committed at {commit_lsn}", held.id)
+                }
+                (Sent::Published, _) => String::new(),
+            };
+            return self.after_send(sent, what).await;
+        }
+        let sent = send(&mut self.tracker, &self.publisher, route, id, Bytes::from(body)).await?;
         let what = match sent {
             Sent::TooLarge(_) => format!(
                 "event {id} for {} in the transaction committed at {}",
@@ -492,6 +570,64 @@ impl Streamer {
             Sent::Published => String::new(),
         };
         self.after_send(sent, what).await
+    }
+
+    /// In `publish_mode = transaction`: holds the event for its
+    /// transaction's batch, or returns it to be sent on its own, after the
+    /// events held so far (the transaction falls back, once and for all).
+    async fn hold(&mut self, held: Held<Arc<Route>>) -> Result<Option<Held<Arc<Route>>>, Error> {
+        let transaction = self.transaction.as_mut().expect("a change is inside a transaction");
+        if transaction.unbatched.is_some() {
+            return Ok(Some(held));
+        }
+        let stream = held.route.stream.clone();
+        let atomic = stream.as_deref().is_some_and(|s| self.publisher.streams().allows_atomic(s));
+        let Err((fallback, held)) = self.batch.hold(held, stream.as_ref(), atomic, self.batch_limits) else {
+            return Ok(None);
+        };
+        transaction.unbatched = Some(Some(fallback));
+        let commit_lsn = transaction.begin.final_lsn;
+        self.board.add_unbatched(1);
+        self.board.log(
+            LogLevel::Info,
+            format!(
+                "the transaction committed at {commit_lsn} goes one event at a time, not as one atomic batch: it \
+                 has {}",
+                fallback.reason()
+            ),
+        );
+        for earlier in self.batch.take() {
+            let sent =
+                send(&mut self.tracker, &self.publisher, earlier.route, &earlier.id, earlier.body).await?;
+            let what = format!("event {} in the transaction committed at {commit_lsn}", earlier.id);
+            self.after_send(sent, what).await?;
+        }
+        Ok(Some(held))
+    }
+
+    /// Sends the held events of the transaction committed at `commit_lsn`
+    /// as one atomic batch; its PubAck acks them all.
+    async fn send_batch(&mut self, commit_lsn: Lsn) -> Result<(), Error> {
+        self.wait_below_caps().await?;
+        let events = self.batch.take();
+        let batch_id = batch_id(self.token, commit_lsn);
+        let last = self.tracker.next_sequence() + events.len() as u64 - 1;
+        let count = events.len();
+        for (index, held) in events.into_iter().enumerate() {
+            let commit = (index + 1 == count).then_some(last);
+            self.publisher
+                .publish_in_batch(
+                    &held.route.subject,
+                    &held.id,
+                    held.body.clone(),
+                    &batch_id,
+                    index + 1,
+                    commit,
+                )
+                .await?;
+            self.tracker.published(held.route, held.body.len(), Instant::now());
+        }
+        Ok(())
     }
 
     /// Counts an event too large for NATS, as `oversize_policy` says:
@@ -546,11 +682,11 @@ async fn send(
     publisher: &Publisher,
     route: Arc<Route>,
     id: &str,
-    body: Vec<u8>,
+    body: Bytes,
 ) -> Result<Sent, Error> {
     let bytes = body.len();
     let sequence = tracker.next_sequence();
-    let sent = publisher.publish(&route.subject, id, Bytes::from(body), sequence).await?;
+    let sent = publisher.publish(&route.subject, id, body, sequence).await?;
     if let Sent::Published = sent {
         tracker.published(route, bytes, Instant::now());
     }
