@@ -65,6 +65,7 @@ async fn main() {
         max_in_flight: MAX_IN_FLIGHT,
         max_in_flight_bytes: usize::MAX,
         stream_replicas: 1,
+        publish_mode: Default::default(),
         auth: Default::default(),
         tls: Default::default(),
         oversize_policy: Default::default(),

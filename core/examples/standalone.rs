@@ -48,6 +48,7 @@ async fn main() {
         max_in_flight: 4096,
         max_in_flight_bytes: 64 << 20,
         stream_replicas: 1,
+        publish_mode: Default::default(),
         auth: Default::default(),
         tls: Default::default(),
         oversize_policy: Default::default(),

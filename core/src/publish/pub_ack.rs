@@ -117,11 +117,18 @@ mod tests {
         let full = br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#;
         assert_eq!(
             parse(None, full),
-            Reply::Refused("JetStream error 503 (10077): maximum messages exceeded".into())
+            Reply::Refused {
+                code: Some(10077),
+                why: "JetStream error 503 (10077): maximum messages exceeded".into()
+            }
         );
-        let Reply::Refused(no_stream) = parse(Some(StatusCode::NO_RESPONDERS), b"") else { panic!() };
+        let Reply::Refused { why: no_stream, .. } = parse(Some(StatusCode::NO_RESPONDERS), b"") else {
+            panic!()
+        };
         assert!(no_stream.contains("no JetStream stream stores this subject"), "{no_stream}");
-        assert!(matches!(parse(Some(StatusCode::TIMEOUT), b""), Reply::Refused(_)));
+        assert!(matches!(parse(Some(StatusCode::TIMEOUT), b""), Reply::Refused { code: None, .. }));
+        let duplicate = br#"{"error":{"code":400,"err_code":10201,"description":"atomic publish batch contains duplicate message id"},"stream":"S","seq":0}"#;
+        assert!(matches!(parse(None, duplicate), Reply::Refused { code: Some(BATCH_HAS_DUPLICATE), .. }));
     }
 
     #[test]
