@@ -388,7 +388,7 @@ class PeakMemory(threading.Thread):
         return self.peak_kib / 1024
 
 
-async def _event_bodies(url: str, stream: str) -> list[dict]:
+async def _event_bodies(url: str, stream: str, with_headers: bool = False) -> list:
     nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
@@ -397,7 +397,8 @@ async def _event_bodies(url: str, stream: str) -> list[dict]:
         done = asyncio.Event()
 
         async def on_message(msg):
-            bodies.append(json.loads(msg.data))
+            body = json.loads(msg.data)
+            bodies.append((msg.headers or {}, body) if with_headers else body)
             if len(bodies) == expected:
                 done.set()
 
@@ -413,3 +414,8 @@ async def _event_bodies(url: str, stream: str) -> list[dict]:
 def event_bodies(url: str, stream: str = "wal_listener") -> list[dict]:
     """Every event body in stream order (fast: an ordered consumer)."""
     return asyncio.run(_event_bodies(url, stream))
+
+
+def stored_events(url: str, stream: str = "wal_listener") -> list[tuple[dict, dict]]:
+    """Every event in stream order as (headers, body)."""
+    return asyncio.run(_event_bodies(url, stream, with_headers=True))

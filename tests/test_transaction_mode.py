@@ -1,7 +1,8 @@
-"""publish_mode = transaction: each transaction is one JetStream atomic
-batch (nats-server 2.12+; the tests run 2.15), so a consumer never sees
-part of one; crashes lose nothing and store nothing twice; a transaction
-too large for one batch goes one event at a time."""
+"""publish_mode = transaction: whole transactions as JetStream atomic
+batches (nats-server 2.12+; the tests run 2.15), so a consumer never sees
+part of one; small transactions share batches; crashes lose nothing and
+store nothing twice; a transaction too large for one batch goes one event
+at a time."""
 
 import asyncio
 import json
@@ -15,7 +16,7 @@ import nats
 import psycopg
 import pytest
 
-from harness import event_bodies, stream_count, wait_until
+from harness import event_bodies, stored_events, stream_count, wait_until
 
 
 class TransactionLoader(threading.Thread):
@@ -169,3 +170,24 @@ def test_a_transaction_too_large_for_one_batch_goes_one_event_at_a_time(transact
     wait_until(lambda: transactional.status()["transactions_unbatched"] == 1, 10, "one unbatched transaction")
     lines = [l for l in transactional.log().splitlines() if "goes one event at a time" in l]
     assert len(lines) == 1 and "more events than an atomic batch may hold" in lines[0], lines
+
+
+def test_a_backlog_of_small_transactions_shares_batches_and_never_times_out(transactional, nats_server):
+    """The server syncs its store once per batch (a few ms): one batch per
+    single-row transaction would make a backlog wait past the PubAck
+    timeout. Committed while NATS is down, they arrive grouped."""
+    count = 20_000
+    nats_server.stop()
+    transactional.execute("""
+        CREATE PROCEDURE single_rows(n int) LANGUAGE plpgsql AS $$
+        BEGIN FOR t IN 1..n LOOP INSERT INTO tx VALUES (t, 0, 1); COMMIT; END LOOP; END $$""")
+    transactional.execute(f"CALL single_rows({count})")
+    nats_server.start()
+    check_every_transaction_whole_and_once(transactional, nats_server.url, count)
+    batches: dict[str, set[int]] = {}
+    for headers, body in stored_events(nats_server.url):
+        batches.setdefault(headers["Nats-Batch-Id"], set()).add(body["data"]["t"])
+    print(f"\n{count} single-row transactions in {len(batches)} atomic batches")
+    assert len(batches) <= count / 10, "transactions did not share batches"
+    assert "no PubAck within" not in transactional.log()
+    assert transactional.status()["transactions_unbatched"] == 0

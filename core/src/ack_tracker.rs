@@ -31,7 +31,8 @@ pub struct AckTracker<T> {
 
 #[derive(Debug)]
 struct Pending<T> {
-    sent: Instant,
+    /// When it was sent; `None` while it is held for an atomic batch.
+    sent: Option<Instant>,
     tag: T,
     bytes: usize,
     acked: bool,
@@ -94,8 +95,30 @@ impl<T> AckTracker<T> {
     /// Records a publish of the open transaction; returns its sequence,
     /// which its PubAck must carry.
     pub fn published(&mut self, tag: T, bytes: usize, now: Instant) -> u64 {
+        self.push(tag, bytes, Some(now))
+    }
+
+    /// Records a publish of the open transaction that is held to be sent
+    /// later ([`sent`](Self::sent)): it counts as unacked from now on,
+    /// but its PubAck timeout starts when it is sent.
+    pub fn held(&mut self, tag: T, bytes: usize) -> u64 {
+        self.push(tag, bytes, None)
+    }
+
+    /// The held publishes `sequences` went out at `now`.
+    pub fn sent(&mut self, sequences: std::ops::RangeInclusive<u64>, now: Instant) {
+        for sequence in sequences {
+            if let Some(index) = sequence.checked_sub(self.first) {
+                if let Some(pending) = self.pending.get_mut(index as usize) {
+                    pending.sent.get_or_insert(now);
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, tag: T, bytes: usize, sent: Option<Instant>) -> u64 {
         let sequence = self.next_sequence();
-        self.pending.push_back(Pending { sent: now, tag, bytes, acked: false });
+        self.pending.push_back(Pending { sent, tag, bytes, acked: false });
         self.unacked_bytes += bytes;
         sequence
     }
@@ -174,8 +197,9 @@ impl<T> AckTracker<T> {
     /// The oldest unacked publish, when it has waited longer than `timeout`.
     pub fn overdue(&self, now: Instant, timeout: Duration) -> Option<Overdue<'_, T>> {
         // The front is never acked: acked publishes leave from the front.
+        // Held publishes come after every sent one: a held front means none is sent.
         let oldest = self.pending.front()?;
-        let waited = now.saturating_duration_since(oldest.sent);
+        let waited = now.saturating_duration_since(oldest.sent?);
         (waited > timeout).then_some(Overdue {
             tag: &oldest.tag,
             waited,
@@ -264,6 +288,24 @@ mod tests {
         tracker.acked(a);
         assert_eq!(tracker.overdue(start + Duration::from_secs(11), timeout), None);
         assert!(tracker.overdue(start + Duration::from_secs(16), timeout).is_some());
+    }
+
+    #[test]
+    fn a_held_publish_is_late_only_counting_from_when_it_is_sent() {
+        let start = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut tracker = AckTracker::<Subject>::new(Lsn(0));
+        tracker.begin();
+        let first = tracker.held(subject(), 1);
+        let last = tracker.held(subject(), 1);
+        assert_eq!(tracker.unacked(), 2);
+        assert_eq!(tracker.commit(Lsn(10)), None, "a held publish holds its commit back");
+        assert_eq!(tracker.overdue(start + Duration::from_secs(60), timeout), None);
+        tracker.sent(first..=last, start + Duration::from_secs(60));
+        assert_eq!(tracker.overdue(start + Duration::from_secs(65), timeout), None);
+        assert!(tracker.overdue(start + Duration::from_secs(71), timeout).is_some());
+        tracker.acked(first);
+        assert_eq!(tracker.acked(last), (1, Some(Lsn(10))));
     }
 
     /// What the pipeline can do, in any order the protocol allows.

@@ -3,7 +3,7 @@
 
 mod backfill;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use crate::event::{
 };
 use crate::filters::{Decision, FilterChange, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
-use crate::publish::batch::{batch_id, Fallback, Held, Limits, TransactionBatch};
+use crate::publish::batch::{batch_id, Held, Limits, NotHeld, TransactionBatch};
 use crate::publish::pub_ack::{BATCH_HAS_DUPLICATE, TOO_MANY_BATCHES};
 use crate::publish::streams::default_subject_probe;
 use crate::publish::{Publisher, Reply, Sent, ACK_TIMEOUT};
@@ -34,6 +34,12 @@ use backfill::BackfillState;
 
 /// How often the oldest unacked publish is checked against ACK_TIMEOUT.
 const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Atomic batches sent and not yet acked before committed transactions
+/// wait to join the next batch instead (`publish_mode = transaction`): few
+/// enough that transactions group while the server syncs, enough to keep
+/// it busy.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// Where the events of one table go: the subject, and the stream that
 /// stores it as read at connect (its PubAcks must name that stream).
@@ -70,7 +76,7 @@ struct Transaction {
     filter_change: Option<FilterChange>,
     /// `publish_mode = transaction`, and this transaction goes one event at a
     /// time: why (logged once), or a replay after a refused batch (`None`).
-    unbatched: Option<Option<Fallback>>,
+    unbatched: Option<Option<crate::publish::batch::Fallback>>,
 }
 
 pub struct Streamer {
@@ -102,9 +108,11 @@ pub struct Streamer {
     read_ahead: ReadAhead,
     backfill: Option<BackfillState>,
     publish_mode: PublishMode,
-    /// The open transaction's events, held for its atomic batch.
+    /// Events held for the next atomic batch.
     batch: TransactionBatch<Arc<Route>>,
     batch_limits: Limits,
+    /// The last sequence of each atomic batch sent and not yet acked.
+    batches_in_flight: VecDeque<u64>,
     token: u64,
     /// The newest commit sent in this session.
     published_through: Lsn,
@@ -147,7 +155,12 @@ impl Streamer {
             backfill: start.backfill.map(BackfillState::new),
             publish_mode: cfg.publish.publish_mode,
             batch: TransactionBatch::default(),
-            batch_limits: Limits { max_bytes: max_in_flight_bytes, max_payload: batch_limits_payload },
+            batch_limits: Limits::new(
+                cfg.publish.max_in_flight.max(1),
+                max_in_flight_bytes,
+                batch_limits_payload,
+            ),
+            batches_in_flight: VecDeque::new(),
             token: start.token,
             published_through: Lsn(0),
             foreign_replies: 0,
@@ -162,6 +175,9 @@ impl Streamer {
         }
         let mut ack_check = tokio::time::interval(ACK_CHECK_INTERVAL);
         loop {
+            if let Err(e) = self.send_batch_when_due().await {
+                return e;
+            }
             // What was read ahead goes first, as far as the caps allow.
             while self.below_caps() {
                 let Some(event) = self.read_ahead.pop() else { break };
@@ -274,6 +290,7 @@ impl Streamer {
     /// Waits until every publish so far is acked (or the PubAck timeout
     /// passes), confirming what the acks allow.
     async fn settle(&mut self) -> Result<(), Error> {
+        self.send_batch().await?;
         self.publisher.flush().await?;
         while !self.tracker.is_empty() {
             match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
@@ -372,9 +389,7 @@ impl Streamer {
     async fn commit(&mut self, end_lsn: Lsn) -> Result<(), Error> {
         let transaction = self.transaction.take();
         if let Some(transaction) = &transaction {
-            if !self.batch.is_empty() {
-                self.send_batch(transaction.begin.final_lsn).await?;
-            }
+            self.batch.commit(transaction.begin.final_lsn);
             self.published_through = self.published_through.max(transaction.begin.final_lsn);
         }
         if let Some(Transaction { begin, filter_change: Some(change), .. }) = transaction {
@@ -383,7 +398,7 @@ impl Streamer {
         if let Some(lsn) = self.tracker.commit(end_lsn) {
             self.confirm(lsn);
         }
-        Ok(())
+        self.send_batch_when_due().await
     }
 
     /// A trigger of the config tables says what this transaction writes: a
@@ -572,21 +587,41 @@ impl Streamer {
         self.after_send(sent, what).await
     }
 
-    /// In `publish_mode = transaction`: holds the event for its
-    /// transaction's batch, or returns it to be sent on its own, after the
-    /// events held so far (the transaction falls back, once and for all).
-    async fn hold(&mut self, held: Held<Arc<Route>>) -> Result<Option<Held<Arc<Route>>>, Error> {
-        let transaction = self.transaction.as_mut().expect("a change is inside a transaction");
+    /// In `publish_mode = transaction`: holds the event for the next
+    /// batch, or returns it to be sent on its own, after the events of its
+    /// transaction held so far (the transaction falls back, once and for all).
+    async fn hold(&mut self, mut held: Held<Arc<Route>>) -> Result<Option<Held<Arc<Route>>>, Error> {
+        let transaction = self.transaction.as_ref().expect("a change is inside a transaction");
         if transaction.unbatched.is_some() {
+            // After the transactions held before it.
+            self.send_batch().await?;
             return Ok(Some(held));
         }
+        let commit_lsn = transaction.begin.final_lsn;
         let stream = held.route.stream.clone();
         let atomic = stream.as_deref().is_some_and(|s| self.publisher.streams().allows_atomic(s));
-        let Err((fallback, held)) = self.batch.hold(held, stream.as_ref(), atomic, self.batch_limits) else {
-            return Ok(None);
+        let fallback = loop {
+            let (route, bytes) = (held.route.clone(), held.body.len());
+            let sequence = self.tracker.next_sequence();
+            match self.batch.hold(held, sequence, stream.as_ref(), atomic, self.batch_limits) {
+                Ok(()) => {
+                    // Counted as in flight from now: the confirm rule waits for its batch.
+                    self.tracker.held(route, bytes);
+                    return Ok(None);
+                }
+                Err(NotHeld::Full(event)) => {
+                    self.send_batch().await?;
+                    held = event;
+                }
+                Err(NotHeld::Fallback(fallback, event)) => {
+                    held = event;
+                    break fallback;
+                }
+            }
         };
-        transaction.unbatched = Some(Some(fallback));
-        let commit_lsn = transaction.begin.final_lsn;
+        if let Some(transaction) = self.transaction.as_mut() {
+            transaction.unbatched = Some(Some(fallback));
+        }
         self.board.add_unbatched(1);
         self.board.log(
             LogLevel::Info,
@@ -596,37 +631,51 @@ impl Streamer {
                 fallback.reason()
             ),
         );
-        for earlier in self.batch.take() {
-            let sent =
-                send(&mut self.tracker, &self.publisher, earlier.route, &earlier.id, earlier.body).await?;
-            let what = format!("event {} in the transaction committed at {commit_lsn}", earlier.id);
-            self.after_send(sent, what).await?;
+        self.send_batch().await?;
+        let (earlier, first_sequence) = self.batch.take_open();
+        for (sequence, event) in (first_sequence..).zip(earlier) {
+            // Each fitted max_payload when it was held.
+            if let Sent::TooLarge(why) =
+                self.publisher.publish(&event.route.subject, &event.id, event.body, sequence).await?
+            {
+                return Err(Error::Nats(format!("publishing event {} failed: {why}", event.id)));
+            }
+            self.tracker.sent(sequence..=sequence, Instant::now());
         }
         Ok(Some(held))
     }
 
-    /// Sends the held events of the transaction committed at `commit_lsn`
-    /// as one atomic batch; its PubAck acks them all.
-    async fn send_batch(&mut self, commit_lsn: Lsn) -> Result<(), Error> {
-        self.wait_below_caps().await?;
-        let events = self.batch.take();
-        let batch_id = batch_id(self.token, commit_lsn);
-        let last = self.tracker.next_sequence() + events.len() as u64 - 1;
-        let count = events.len();
-        for (index, held) in events.into_iter().enumerate() {
+    /// Sends the held events of committed transactions as one atomic
+    /// batch when few batches await PubAcks, or when they fill the
+    /// in-flight caps; otherwise they wait for more transactions to join.
+    async fn send_batch_when_due(&mut self) -> Result<(), Error> {
+        if !self.batch.has_committed() {
+            return Ok(());
+        }
+        let tracker = &self.tracker;
+        self.batches_in_flight.retain(|&last| tracker.awaits(last));
+        if self.batches_in_flight.len() < BATCHES_IN_FLIGHT || !self.below_caps() {
+            self.send_batch().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the held events of committed transactions as one atomic
+    /// batch; its PubAck acks them all. Their sequences were taken when
+    /// they were held.
+    async fn send_batch(&mut self) -> Result<(), Error> {
+        let Some(ready) = self.batch.take_committed() else { return Ok(()) };
+        let batch_id = batch_id(self.token, ready.last_commit);
+        let last = ready.first_sequence + ready.events.len() as u64 - 1;
+        let count = ready.events.len();
+        for (index, held) in ready.events.into_iter().enumerate() {
             let commit = (index + 1 == count).then_some(last);
             self.publisher
-                .publish_in_batch(
-                    &held.route.subject,
-                    &held.id,
-                    held.body.clone(),
-                    &batch_id,
-                    index + 1,
-                    commit,
-                )
+                .publish_in_batch(&held.route.subject, &held.id, held.body, &batch_id, index + 1, commit)
                 .await?;
-            self.tracker.published(held.route, held.body.len(), Instant::now());
         }
+        self.tracker.sent(ready.first_sequence..=last, Instant::now());
+        self.batches_in_flight.push_back(last);
         Ok(())
     }
 
