@@ -140,7 +140,7 @@ class Bench:
 
         wait_until(settled, 120, "the worker's slot to confirm everything", interval=1 if restart_lsn else 0.1)
 
-    def workload(self, name: str, events: int, generate: str):
+    def workload(self, name: str, table: str, events: int, generate: str):
         print(f"== {name}: {events} events", flush=True)
         self.stop_nats()
         # Same restart and confirmed positions as the worker's slot: the same WAL to read.
@@ -159,10 +159,22 @@ class Bench:
         self.stop_nats()
         nats_s = nats_only(payloads)
         payloads.unlink()
+        # The same workload once more with publish_mode = transaction, into
+        # the emptied table (its TRUNCATE published and confirmed first).
+        self.ensure_nats()
+        self.pg.execute(f"TRUNCATE {table}")
+        self.pg.set(publish_mode="transaction")
+        self.stop_nats()
+        self.pg.execute(generate)
+        self.pg.execute("CHECKPOINT")
+        e2e_tx = self.end_to_end(events)
+        self.pg.set(publish_mode=None)
+        self.stop_nats()
 
         row = {
             "name": name, "events": events, "generate_s": generate_s,
             "decode_eps": events / decode_s, "nats_eps": events / nats_s, **e2e,
+            "transaction_mode": e2e_tx,
         }
         row["ratio"] = row["e2e_eps"] / min(row["decode_eps"], row["nats_eps"])
         print(json.dumps(row), flush=True)
@@ -192,12 +204,13 @@ class Bench:
             30, "the worker's walsender")
         wait_until(lambda: stream_count(self.nats.url) >= events, 3600, f"{events} events", 0.25)
         t_seen = time.time()
-        cpu_pct = {
+        used = {
             "worker": cpu_seconds(worker) - cpu["worker"],
             "walsender": cpu_seconds(walsender),  # started after t0
             "nats-server": cpu_seconds(self.nats.process.pid) - cpu["nats-server"],
         }
-        cpu_pct = {k: round(100 * v / (t_seen - t0)) for k, v in cpu_pct.items()}
+        cpu_pct = {k: round(100 * v / (t_seen - t0)) for k, v in used.items()}
+        cpu_us = {k: v * 1e6 / events for k, v in used.items()}
         first, last = asyncio.run(stored_times(self.nats.url))
         rss = peak.stop()
         count = stream_count(self.nats.url)
@@ -205,7 +218,7 @@ class Bench:
             raise RuntimeError(f"stream holds {count} events, expected {events}")
         return {
             "e2e_eps": events / (last - t0), "first_event_s": first - t0,
-            "e2e_s": last - t0, "rss_mib": rss, "cpu_pct": cpu_pct,
+            "e2e_s": last - t0, "rss_mib": rss, "cpu_pct": cpu_pct, "cpu_us": cpu_us,
         }
 
     def backfill(self):
@@ -251,38 +264,104 @@ class Bench:
         }
         print(json.dumps(self.results[key]), flush=True)
 
-    def pgbench(self, seconds: int = 20):
-        """TPS of single-row inserts (4 clients) with the worker streaming, then
-        on the same cluster restarted without the extension preloaded (no
-        worker; wal_level stays logical, as any CDC needs), then with a trigger
-        outbox instead. The same data directory keeps the comparison fair."""
+    def write_path(self, rate: int = 2000, seconds: int = 15):
+        """What a user pays on the database host, for single-row inserts
+        from 4 pgbench clients: the CPU of every Postgres process (worker and
+        walsender included) per event at a fixed rate, minus that of the
+        same load with no CDC at all, and the highest TPS; with fsync off
+        and on. Against a trigger outbox plus a relay that polls, publishes
+        to JetStream and deletes (the pattern we replace), on the same data
+        directory: the worker modes first, then a restart without the
+        extension for no CDC and the outbox."""
         script = self.pg.dir / "insert.sql"
         script.write_text("INSERT INTO bench_pgbench(n) VALUES (1);\n")
+        self.ensure_nats()
+        results = self.results["write_path"] = {}
 
-        def run(mode: str) -> float:
-            self.pg.execute("TRUNCATE bench_pgbench, bench_outbox" if mode == "outbox" else "TRUNCATE bench_pgbench")
+        def measure(config: str, fsync: str, relay=None):
+            self.pg.execute(f"ALTER SYSTEM SET fsync = {fsync}")
+            self.pg.execute("SELECT pg_reload_conf()")
+            self.pg.execute("TRUNCATE bench_pgbench")
+            self.pg.execute("CHECKPOINT")
+            before = self.db_host_cpu()
+            relay_before = cpu_seconds(relay.pid) if relay else 0.0
+            self.pg_tool("pgbench", "-n", "-c", "4", "-j", "2", "-R", str(rate), "-T", str(seconds), "-f",
+                         str(script), "app")
+            events = self.pg.execute("SELECT count(*) AS n FROM bench_pgbench")[0]["n"]
+            self.drained(config)
+            cpu = {k: v - before.get(k, 0.0) for k, v in self.db_host_cpu().items()}
+            row = {"events": events, "db_us": cpu["total"] * 1e6 / events,
+                   "worker_us": cpu.get("worker", 0.0) * 1e6 / events,
+                   "walsender_us": cpu.get("walsender", 0.0) * 1e6 / events,
+                   "relay_us": (cpu_seconds(relay.pid) - relay_before) * 1e6 / events if relay else None}
+            self.pg.execute("TRUNCATE bench_pgbench")
             self.pg.execute("CHECKPOINT")
             out = self.pg_tool("pgbench", "-n", "-c", "4", "-j", "2", "-T", str(seconds), "-f", str(script), "app").stdout
-            tps = float(re.search(r"tps = ([\d.]+)", out).group(1))
-            print(f"== pgbench {mode}: {tps:.0f} TPS", flush=True)
-            return tps
+            row["tps"] = float(re.search(r"tps = ([\d.]+)", out).group(1))
+            self.drained(config)
+            results[f"{config}, fsync {fsync}"] = row
+            print(f"== write path {config}, fsync {fsync}: {json.dumps(row)}", flush=True)
 
-        results = {"worker streaming": run("streaming")}
-        t = time.monotonic()
-        self.settle_slot(restart_lsn=False)
-        self.results["pgbench_drain_s"] = time.monotonic() - t
+        for mode in ("event", "transaction"):
+            self.pg.set(publish_mode=mode)
+            self.pg.wait_for_state("streaming", 30)
+            for fsync in ("off", "on"):
+                measure(f"wal_listener ({mode})", fsync)
         with open(self.pg.data / "postgresql.conf", "a") as conf:
             conf.write("shared_preload_libraries = ''\n")
         self.pg.restart()
-        results["no worker"] = run("none")
+        for fsync in ("off", "on"):
+            measure("no CDC", fsync)
         self.pg.execute("""
             CREATE TABLE bench_outbox (id bigserial PRIMARY KEY, payload json, created timestamptz DEFAULT now());
             CREATE FUNCTION bench_outbox_write() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN INSERT INTO bench_outbox(payload) VALUES (row_to_json(NEW)); RETURN NEW; END $$;
             CREATE TRIGGER bench_outbox AFTER INSERT ON bench_pgbench FOR EACH ROW EXECUTE FUNCTION bench_outbox_write();
         """)
-        results["trigger outbox"] = run("outbox")
-        self.results["pgbench"] = results
+        relay = subprocess.Popen([sys.executable, str(OUT / "outbox_relay.py"), str(self.pg.dir), str(self.pg.port),
+                                  self.nats.url])
+        try:
+            for fsync in ("off", "on"):
+                measure("outbox + relay", fsync, relay)
+        finally:
+            relay.kill()
+            relay.wait()
+        for key, row in results.items():
+            fsync = key.rsplit(" ", 1)[1]
+            row["extra_db_us"] = row["db_us"] - results[f"no CDC, fsync {fsync}"]["db_us"]
+
+    def drained(self, config: str):
+        """Waits until the CDC of `config` has published everything written."""
+        if config.startswith("wal_listener"):
+            self.settle_slot(restart_lsn=False)
+        elif config.startswith("outbox"):
+            wait_until(lambda: self.pg.execute("SELECT count(*) AS n FROM bench_outbox")[0]["n"] == 0, 600,
+                       "the relay to empty the outbox", 0.1)
+
+    def db_host_cpu(self) -> dict:
+        """CPU seconds of the Postgres process tree: the postmaster, its live
+        children and the ones it reaped; the worker and walsender apart."""
+        postmaster = self.pg.postmaster_pid()
+        fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        total = sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
+        parts = {}
+        worker = self.pg.worker_pid()
+        walsender = self.pg.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'wal_listener'")
+        walsender = walsender[0]["active_pid"] if walsender else None
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True)
+        for pid in (int(p) for p in children.stdout.split()):
+            try:
+                used = cpu_seconds(pid)
+            except OSError:
+                continue
+            total += used
+            if pid == worker:
+                parts["worker"] = used
+            elif pid == walsender:
+                parts["walsender"] = used
+        return {"total": total, **parts}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -403,19 +482,25 @@ def report(results: dict) -> str:
     crit = results.get("criterion", {})
     lines = [
         f"Machine: {results['machine']}. Scale {results['scale']}; {results['date']}.", "",
-        "| workload | events | decode-only ev/s | NATS-only ev/s | end to end ev/s | ratio | first event after s "
-        "| worker peak RSS MiB | CPU % worker / walsender / nats-server | decode+encode limit ev/s |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| workload | events | decode-only ev/s | NATS-only ev/s | mode | end to end ev/s | ratio "
+        "| CPU µs/event worker / walsender / nats-server | worker ÷ walsender | worker peak RSS MiB "
+        "| decode+encode limit ev/s |",
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|",
     ]
     for w in results["workloads"]:
-        c = w["cpu_pct"]
         core = crit.get("wide" if w["name"].startswith("wide") else "narrow")
         limit = f"{1e9 / core['ns']:,.0f}" if core else "-"
-        lines.append(
-            f"| {w['name']} | {w['events']:,} | {w['decode_eps']:,.0f} | {w['nats_eps']:,.0f} | {w['e2e_eps']:,.0f} "
-            f"| {w['ratio']:.2f} | {w['first_event_s']:.1f} | {w['rss_mib']:.1f} "
-            f"| {c['worker']} / {c['walsender']} / {c['nats-server']} | {limit} |"
-        )
+        floor = min(w["decode_eps"], w["nats_eps"])
+        for mode, run in (("event", w), ("transaction", w.get("transaction_mode"))):
+            if not run:
+                continue
+            c = run["cpu_us"]
+            lines.append(
+                f"| {w['name']} | {w['events']:,} | {w['decode_eps']:,.0f} | {w['nats_eps']:,.0f} | {mode} "
+                f"| {run['e2e_eps']:,.0f} | {run['e2e_eps'] / floor:.2f} "
+                f"| {c['worker']:.2f} / {c['walsender']:.2f} / {c['nats-server']:.2f} "
+                f"| {c['worker'] / c['walsender']:.2f} | {run['rss_mib']:.1f} | {limit} |"
+            )
     if "latency" in results:
         lat = results["latency"]
         lines += ["", f"Commit-to-subscriber latency at {lat['rate']} tx/s for {lat['seconds']} s ({lat['events']:,} events): "
@@ -428,15 +513,15 @@ def report(results: dict) -> str:
         if during:
             lines += [f"Latency at {during['rate']} tx/s during the backfill ({during['events']:,} events): "
                       f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, max {during['max_ms']:.1f} ms."]
-    if "pgbench" in results:
-        pgb = results["pgbench"]
-        base = pgb["no worker"]
-        lines += ["", "| pgbench, single-row inserts, 4 clients | TPS | overhead vs no worker |", "|---|--:|--:|"]
-        for mode, tps in pgb.items():
-            overhead = "-" if mode == "no worker" else f"{100 * (1 - tps / base):.1f} %"
-            lines.append(f"| {mode} | {tps:,.0f} | {overhead} |")
-        lines += ["", f"After the streaming run the worker needed {results['pgbench_drain_s']:.1f} s more "
-                  "to publish and confirm the backlog."]
+    if "write_path" in results:
+        lines += ["", "| write path: 4 pgbench clients, single-row inserts | fsync | highest TPS | DB-host CPU µs/event "
+                  "over no CDC (at 2,000 tx/s) | of which worker / walsender | relay process µs/event |",
+                  "|---|---|--:|--:|--:|--:|"]
+        for key, row in results["write_path"].items():
+            config, fsync = key.rsplit(", fsync ", 1)
+            parts = f"{row['worker_us']:.1f} / {row['walsender_us']:.1f}" if config.startswith("wal_listener") else "-"
+            relay = f"{row['relay_us']:.1f}" if row.get("relay_us") is not None else "-"
+            lines.append(f"| {config} | {fsync} | {row['tps']:,.0f} | {row['extra_db_us']:.1f} | {parts} | {relay} |")
     if crit:
         lines += ["", "| Criterion decode + encode | columns | pgoutput B | JSON B | ns/event | allocations/event |",
                   "|---|--:|--:|--:|--:|--:|"]
@@ -452,25 +537,32 @@ def chart(results: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if "pgbench" in results else 1
+    panels = 2 if "write_path" in results else 1
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2, 4.5), squeeze=False)
     ax = axes[0][0]
     names = [w["name"] for w in results["workloads"]]
-    series = [("decode-only", "decode_eps"), ("NATS-only", "nats_eps"), ("end to end", "e2e_eps")]
+    series = [
+        ("decode-only", lambda w: w["decode_eps"]),
+        ("NATS-only", lambda w: w["nats_eps"]),
+        ("end to end, event", lambda w: w["e2e_eps"]),
+        ("end to end, transaction", lambda w: w["transaction_mode"]["e2e_eps"]),
+    ]
     width = 0.8 / len(series)
-    for i, (label, key) in enumerate(series):
-        xs = [j + (i - 1) * width for j in range(len(names))]
-        ax.bar(xs, [w[key] for w in results["workloads"]], width, label=label)
+    for i, (label, value) in enumerate(series):
+        xs = [j + (i - 1.5) * width for j in range(len(names))]
+        ax.bar(xs, [value(w) for w in results["workloads"]], width, label=label)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("events/s")
     ax.set_title("Throughput per workload")
     ax.legend()
     if panels == 2:
         ax = axes[0][1]
-        modes = list(results["pgbench"])
-        ax.bar(modes, [results["pgbench"][m] for m in modes], color=["C2", "C7", "C3"])
-        ax.set_ylabel("TPS")
-        ax.set_title("pgbench single-row inserts, 4 clients")
+        rows = [(k.replace(", fsync ", "\nfsync "), v["extra_db_us"]) for k, v in results["write_path"].items()
+                if not k.startswith("no CDC")]
+        ax.bar([k for k, _ in rows], [v for _, v in rows], color=["C0", "C0", "C1", "C1", "C3", "C3"][: len(rows)])
+        ax.set_ylabel("DB-host CPU µs per event over no CDC")
+        ax.set_title("What the write path pays (2,000 tx/s)")
+        ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -478,13 +570,17 @@ def chart(results: dict, path: Path):
 def main():
     bench = Bench()
     try:
-        bench.workload("single-row txns", scaled(100_000), f"CALL bench_single_txns({scaled(100_000)})")
-        bench.workload("one big txn", scaled(1_000_000),
+        bench.workload("single-row txns", "bench_single", scaled(100_000),
+                       f"CALL bench_single_txns({scaled(100_000)})")
+        bench.workload("one big txn", "bench_bulk", scaled(1_000_000),
                        f"INSERT INTO bench_bulk(n) SELECT generate_series(1, {scaled(1_000_000)})")
-        bench.workload("wide rows", scaled(100_000), f"CALL bench_wide_rows({scaled(100_000)}, 1000)")
+        bench.workload("wide rows", "bench_wide", scaled(100_000), f"CALL bench_wide_rows({scaled(100_000)}, 1000)")
         bench.latency()
         bench.backfill()
-        bench.pgbench()
+        bench.write_path()
+    except BaseException:
+        print("== Postgres log, last lines:\n" + "\n".join(bench.pg.log().splitlines()[-40:]), file=sys.stderr)
+        raise
     finally:
         bench.close()
     results = bench.results
