@@ -326,34 +326,37 @@ def read_stream(url: str, stream: str = "wal_listener") -> list[Event]:
     return asyncio.run(_read_stream(url, stream))
 
 
-async def _inserted_numbers(url: str, stream: str) -> list[int]:
+async def _each_stored(url: str, stream: str, take) -> list:
+    """`take(msg)` of every message in the stream, in stream order: an
+    ordered consumer needs no acks (~100k messages/s here)."""
     nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
     try:
         js = nc.jetstream()
         expected = (await js.stream_info(stream)).state.messages
-        numbers: list[int] = []
+        items: list = []
         done = asyncio.Event()
-        pattern = re.compile(rb'"data":\{"n":(\d+)')
 
         async def on_message(msg):
-            numbers.append(int(pattern.search(msg.data).group(1)))
-            if len(numbers) == expected:
+            items.append(take(msg))
+            if len(items) == expected:
                 done.set()
 
         if expected:
-            # An ordered consumer needs no acks: ~100k messages/s here.
-            sub = await js.subscribe(f"{stream}.>", ordered_consumer=True, cb=on_message, pending_msgs_limit=200_000)
+            sub = await js.subscribe(f"{stream}.>", ordered_consumer=True, cb=on_message, pending_msgs_limit=500_000)
             await asyncio.wait_for(done.wait(), timeout=300)
             await sub.unsubscribe()
-        return numbers
+        return items
     finally:
         await nc.close()
+
+
+_NUMBER = re.compile(rb'"data":\{"n":(\d+)')
 
 
 def inserted_numbers(url: str, stream: str = "wal_listener") -> list[int]:
     """Column `n` of every event in the stream, in stream order: for tables
     whose only column is `n`, fast enough for millions of events."""
-    return asyncio.run(_inserted_numbers(url, stream))
+    return asyncio.run(_each_stored(url, stream, lambda msg: int(_NUMBER.search(msg.data).group(1))))
 
 
 class PeakMemory(threading.Thread):
@@ -388,34 +391,29 @@ class PeakMemory(threading.Thread):
         return self.peak_kib / 1024
 
 
-async def _event_bodies(url: str, stream: str, with_headers: bool = False) -> list:
-    nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
-    try:
-        js = nc.jetstream()
-        expected = (await js.stream_info(stream)).state.messages
-        bodies: list[dict] = []
-        done = asyncio.Event()
-
-        async def on_message(msg):
-            body = json.loads(msg.data)
-            bodies.append((msg.headers or {}, body) if with_headers else body)
-            if len(bodies) == expected:
-                done.set()
-
-        if expected:
-            sub = await js.subscribe(f"{stream}.>", ordered_consumer=True, cb=on_message, pending_msgs_limit=500_000)
-            await asyncio.wait_for(done.wait(), timeout=300)
-            await sub.unsubscribe()
-        return bodies
-    finally:
-        await nc.close()
-
-
 def event_bodies(url: str, stream: str = "wal_listener") -> list[dict]:
     """Every event body in stream order (fast: an ordered consumer)."""
-    return asyncio.run(_event_bodies(url, stream))
+    return asyncio.run(_each_stored(url, stream, lambda msg: json.loads(msg.data)))
 
 
 def stored_events(url: str, stream: str = "wal_listener") -> list[tuple[dict, dict]]:
     """Every event in stream order as (headers, body)."""
-    return asyncio.run(_event_bodies(url, stream, with_headers=True))
+    return asyncio.run(_each_stored(url, stream, lambda msg: (msg.headers or {}, json.loads(msg.data))))
+
+
+async def _last_number(url: str, subject: str) -> int:
+    nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        msg = await nc.jetstream().get_last_msg("wal_listener", subject)
+        return json.loads(msg.data)["data"]["n"]
+    finally:
+        await nc.close()
+
+
+def last_number(url: str, subject: str = "wal_listener.public_load") -> int:
+    """Column `n` of the last event on `subject`; 0 when there is none or
+    NATS does not answer."""
+    try:
+        return asyncio.run(_last_number(url, subject))
+    except Exception:
+        return 0

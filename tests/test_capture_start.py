@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from harness import _as_postgres_user, read_stream, stream_count, wait_for_count, wait_until
+from harness import _as_postgres_user, read_stream, wait_for_count, wait_until
 
 WAITING = 'waiting for CREATE EXTENSION wal_listener in database "app"'
 

@@ -3,7 +3,6 @@ transactions while one fault is injected; the checker then compares every
 row the table holds with every event the stream holds."""
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import nats
 import psycopg
 import pytest
 
-from harness import Nats, inserted_numbers, read_stream, stream_count, wait_for_count, wait_until
+from harness import Nats, inserted_numbers, last_number, read_stream, stream_count, wait_for_count, wait_until
 
 TRANSACTIONS = 300
 ROWS_PER_TRANSACTION = 10
@@ -77,17 +76,6 @@ def postmaster_pid(cluster) -> int:
     return int((cluster.data / "postmaster.pid").read_text().split()[0])
 
 
-async def _last_row(url: str) -> int:
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
-    try:
-        msg = await nc.jetstream().get_last_msg("wal_listener", "wal_listener.public_load")
-        return json.loads(msg.data)["data"]["n"]
-    except Exception:
-        return 0
-    finally:
-        await nc.close()
-
-
 def first_row_after(loader: Loader) -> int:
     """A row number no transaction in flight now can hold."""
     return (loader.committed_transactions + 1) * ROWS_PER_TRANSACTION
@@ -101,13 +89,13 @@ def report_recovery(fault: str, started: float, arrived):
 
 
 def newer_row_stored(nats_server, row: int):
-    return lambda: asyncio.run(_last_row(nats_server.url)) > row
+    return lambda: last_number(nats_server.url) > row
 
 
 def caught_up(nats_server, loader: Loader):
     """True once every row committed before this call is in the stream."""
     row = loader.committed_transactions * ROWS_PER_TRANSACTION
-    return lambda: asyncio.run(_last_row(nats_server.url)) >= row
+    return lambda: last_number(nats_server.url) >= row
 
 
 def test_worker_killed_with_sigkill(streaming, nats_server):

@@ -3,7 +3,6 @@ PostgreSQL 17+) and a NATS cluster losing its stream leader, then its
 quorum. Every committed row arrives once, in commit order."""
 
 import asyncio
-import json
 import signal
 import threading
 import time
@@ -13,7 +12,7 @@ import psycopg
 import pytest
 
 from conftest import PG_VERSION
-from harness import NatsCluster, Postgres, inserted_numbers, stream_count, wait_until
+from harness import NatsCluster, Postgres, inserted_numbers, last_number, stream_count, wait_until
 
 FAILOVER_SLOTS = int(PG_VERSION) >= 17
 
@@ -70,24 +69,6 @@ def check_every_row_once_in_order(server: Postgres, url: str, loader: Loader):
     assert len(numbers) == len(set(numbers)), "duplicate events"
     assert sorted(numbers) == rows, "lost or invented events"
     assert numbers == sorted(numbers), "events out of commit order"
-
-
-async def _max_number(url: str) -> int:
-    nc = await nats.connect(url.split(","), connect_timeout=2, max_reconnect_attempts=0)
-    try:
-        msg = await nc.jetstream().get_last_msg("wal_listener", "wal_listener.public_load")
-        return json.loads(msg.data)["data"]["n"]
-    except Exception:
-        return 0
-    finally:
-        await nc.close()
-
-
-def max_number(url: str) -> int:
-    try:
-        return asyncio.run(_max_number(url))
-    except Exception:
-        return 0
 
 
 def standby_of(primary: Postgres, nats_url: str) -> Postgres:
@@ -154,7 +135,7 @@ def test_failover_to_the_standby_loses_and_duplicates_nothing(primary_and_standb
     loader.switch_to(standby)
     wait_until(lambda: loader.switched_at_row, 60, "the loader to commit on the new primary")
     first_new = loader.switched_at_row
-    wait_until(lambda: max_number(nats_server.url) >= first_new, 60, "an event from the new primary", interval=0.05)
+    wait_until(lambda: last_number(nats_server.url) >= first_new, 60, "an event from the new primary", interval=0.05)
     print(f"\npromotion to the first event from the new primary: {time.monotonic() - promoted_at:.2f} s "
           f"(loader reconnected at row {first_new}, {loader.errors} failed attempts)")
     check_every_row_once_in_order(standby, nats_server.url, loader)
@@ -193,7 +174,7 @@ def test_a_promoted_standby_without_failover_slots_refuses_until_reset_slot(prim
     standby.execute("SELECT wal_listener.reset_slot()")
     standby.wait_for_state("streaming", timeout=60)
     standby.execute("INSERT INTO load VALUES (2)")
-    wait_until(lambda: max_number(nats_server.url) == 2, 30, "the row from the new primary")
+    wait_until(lambda: last_number(nats_server.url) == 2, 30, "the row from the new primary")
 
 
 def stream_leader(url: str) -> str:
@@ -221,7 +202,7 @@ def test_a_nats_cluster_loses_its_leader_then_its_quorum_and_nothing_is_lost(mak
         loader.wait_for(500)
 
         def stall(fault: str, row: int, started: float):
-            wait_until(lambda: max_number(url) > row, 120, f"delivery after {fault}", 0.05)
+            wait_until(lambda: last_number(url) > row, 120, f"delivery after {fault}", 0.05)
             print(f"\n{fault}: events flow again {time.monotonic() - started:.2f} s after")
 
         leader_name = stream_leader(url)
