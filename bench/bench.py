@@ -557,8 +557,9 @@ def chart(results: dict, path: Path):
     ax.legend()
     if panels == 2:
         ax = axes[0][1]
-        rows = [(k.replace(", fsync ", "\nfsync "), v["extra_db_us"]) for k, v in results["write_path"].items()
-                if not k.startswith("no CDC")]
+        rows = [(k.replace("wal_listener (", "wal_listener\n").replace("), fsync", "\nfsync")
+                 .replace(" + relay, fsync", " + relay\nfsync"), v["extra_db_us"])
+                for k, v in results["write_path"].items() if not k.startswith("no CDC")]
         ax.bar([k for k, _ in rows], [v for _, v in rows], color=["C0", "C0", "C1", "C1", "C3", "C3"][: len(rows)])
         ax.set_ylabel("DB-host CPU µs per event over no CDC")
         ax.set_title("What the write path pays (2,000 tx/s)")
