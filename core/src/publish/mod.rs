@@ -32,6 +32,8 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Publisher {
     client: async_nats::Client,
+    /// Set at the first disconnect: the session ends there (see `next_ack`).
+    lost: Arc<tokio::sync::Notify>,
     js: jetstream::Context,
     /// PubAcks, on `<reply_prefix><sequence>`.
     acks: Subscriber,
@@ -52,23 +54,34 @@ impl Publisher {
     /// allowed) and reads which stream stores which subject.
     pub async fn connect(cfg: &PublishConfig, board: &Arc<StatusBoard>) -> Result<Self, Error> {
         let events_board = board.clone();
+        let lost = Arc::new(tokio::sync::Notify::new());
+        let on_lost = lost.clone();
+        let seeds = server_urls(&cfg.nats_url);
         let client = connect_options(cfg)
             .await?
             .connection_timeout(CONNECT_TIMEOUT)
+            // The session ends at a disconnect (publishes lost in the broken
+            // connection go again from the slot, in order); a client left
+            // reconnecting would send what it still buffers after later
+            // events. One pass over the seeds, then it closes.
+            .max_reconnects(seeds.len().max(1))
             // Room for every PubAck in flight: a full buffer drops messages.
             .subscription_capacity(cfg.max_in_flight.max(1024))
             .name("wal_listener")
             .event_callback(move |event| {
-                let board = events_board.clone();
+                let (board, lost) = (events_board.clone(), on_lost.clone());
                 async move {
                     match event {
                         async_nats::Event::Connected => board.set_nats_connected(true),
-                        async_nats::Event::Disconnected => board.set_nats_connected(false),
+                        async_nats::Event::Disconnected => {
+                            board.set_nats_connected(false);
+                            lost.notify_one();
+                        }
                         _ => {}
                     }
                 }
             })
-            .connect(server_urls(&cfg.nats_url))
+            .connect(seeds)
             .await
             .map_err(|e| connect_error(cfg, e))?;
         board.set_nats_connected(true);
@@ -85,7 +98,7 @@ impl Publisher {
             .subscribe(format!("{reply_prefix}*"))
             .await
             .map_err(|e| Error::Nats(format!("subscribing to PubAcks: {e}")))?;
-        Ok(Publisher { client, js, acks, reply_prefix, streams })
+        Ok(Publisher { client, lost, js, acks, reply_prefix, streams })
     }
 
     /// Reads the streams again (after a filter change brought new subjects).
@@ -165,8 +178,17 @@ impl Publisher {
     /// Waits for the next reply on the PubAck inbox: the sequence it
     /// answers and what it says. Cancellation-safe.
     pub async fn next_ack(&mut self) -> Result<(u64, Reply), Error> {
-        let message =
-            self.acks.next().await.ok_or_else(|| Error::Nats("PubAck subscription closed".into()))?;
+        let message = tokio::select! {
+            biased;
+            _ = self.lost.notified() => {
+                return Err(Error::Nats(
+                    "the connection to NATS broke; what it had not acked goes again from the slot".into(),
+                ));
+            }
+            message = self.acks.next() => {
+                message.ok_or_else(|| Error::Nats("PubAck subscription closed".into()))?
+            }
+        };
         let sequence = message
             .subject
             .strip_prefix(self.reply_prefix.as_str())
