@@ -221,6 +221,7 @@ impl Streamer {
     /// transactions go first (they are older, and they count as in flight).
     pub(super) async fn wait_below_caps(&mut self) -> Result<(), Error> {
         self.send_batch().await?;
+        self.settle_first_batch().await?;
         while !self.below_caps() {
             match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
                 Ok(reply) => {

@@ -113,6 +113,8 @@ pub struct Streamer {
     batch_limits: Limits,
     /// The last sequence of each atomic batch sent and not yet acked.
     batches_in_flight: VecDeque<u64>,
+    /// A batch of this session was stored: what follows was never sent before.
+    batch_stored: bool,
     token: u64,
     /// The newest commit sent in this session.
     published_through: Lsn,
@@ -161,6 +163,7 @@ impl Streamer {
                 batch_limits_payload,
             ),
             batches_in_flight: VecDeque::new(),
+            batch_stored: false,
             token: start.token,
             published_through: Lsn(0),
             foreign_replies: 0,
@@ -241,6 +244,7 @@ impl Streamer {
         };
         match reply {
             Reply::Stored { stream, batch_count, .. } if route.stream.as_deref() == Some(stream.as_str()) => {
+                self.batch_stored |= batch_count.is_some();
                 // An atomic batch's PubAck answers all its messages, ending with this one.
                 let first = sequence.saturating_sub(batch_count.unwrap_or(1).saturating_sub(1));
                 let mut newest = None;
@@ -595,6 +599,7 @@ impl Streamer {
         if transaction.unbatched.is_some() {
             // After the transactions held before it.
             self.send_batch().await?;
+            self.settle_first_batch().await?;
             return Ok(Some(held));
         }
         let commit_lsn = transaction.begin.final_lsn;
@@ -632,6 +637,7 @@ impl Streamer {
             ),
         );
         self.send_batch().await?;
+        self.settle_first_batch().await?;
         let (earlier, first_sequence) = self.batch.take_open();
         for (sequence, event) in (first_sequence..).zip(earlier) {
             // Each fitted max_payload when it was held.
@@ -645,6 +651,28 @@ impl Streamer {
         Ok(Some(held))
     }
 
+    /// Until a batch of this session is stored, one batch at a time and
+    /// nothing after it: a replay's first batches may hold events stored
+    /// before (refused whole, error 10201, then sent again one event at a
+    /// time), and what was sent after them must not be stored first.
+    async fn settle_first_batch(&mut self) -> Result<(), Error> {
+        while !self.batch_stored {
+            let tracker = &self.tracker;
+            self.batches_in_flight.retain(|&last| tracker.awaits(last));
+            if self.batches_in_flight.is_empty() {
+                break;
+            }
+            match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
+                Ok(reply) => {
+                    let (sequence, reply) = reply?;
+                    self.on_reply(sequence, reply)?;
+                }
+                Err(_) => self.check_acks_in_time()?,
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the held events of committed transactions as one atomic
     /// batch when few batches await PubAcks, or when they fill the
     /// in-flight caps; otherwise they wait for more transactions to join.
@@ -654,7 +682,8 @@ impl Streamer {
         }
         let tracker = &self.tracker;
         self.batches_in_flight.retain(|&last| tracker.awaits(last));
-        if self.batches_in_flight.len() < BATCHES_IN_FLIGHT || !self.below_caps() {
+        let limit = if self.batch_stored { BATCHES_IN_FLIGHT } else { 1 };
+        if self.batches_in_flight.len() < limit || !self.below_caps() {
             self.send_batch().await?;
         }
         Ok(())
@@ -664,6 +693,10 @@ impl Streamer {
     /// batch; its PubAck acks them all. Their sequences were taken when
     /// they were held.
     async fn send_batch(&mut self) -> Result<(), Error> {
+        if !self.batch.has_committed() {
+            return Ok(());
+        }
+        self.settle_first_batch().await?;
         let Some(ready) = self.batch.take_committed() else { return Ok(()) };
         let batch_id = batch_id(self.token, ready.last_commit);
         let last = ready.first_sequence + ready.events.len() as u64 - 1;
