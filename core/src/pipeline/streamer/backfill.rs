@@ -15,7 +15,7 @@ use crate::backfill::{Chunk, ChunkDone, ToStreamer};
 use crate::event::{describe_row, encode_event_with, Action, Position, RowChange};
 use crate::filters::Decision;
 use crate::pgoutput::{OldTuple, Relation, TupleData, Value};
-use crate::publish::{Sent, ACK_TIMEOUT};
+use crate::publish::Sent;
 use crate::replication::catalog;
 use crate::{Error, Lsn};
 
@@ -223,13 +223,7 @@ impl Streamer {
         self.send_batch().await?;
         self.settle_first_batch().await?;
         while !self.below_caps() {
-            match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
-                Ok(reply) => {
-                    let (sequence, reply) = reply?;
-                    self.on_reply(sequence, reply)?;
-                }
-                Err(_) => self.check_acks_in_time()?,
-            }
+            self.take_reply().await?;
         }
         Ok(())
     }

@@ -297,15 +297,31 @@ impl Streamer {
         self.send_batch().await?;
         self.publisher.flush().await?;
         while !self.tracker.is_empty() {
-            match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
-                Ok(reply) => {
-                    let (sequence, reply) = reply?;
-                    self.on_reply(sequence, reply)?;
-                }
-                Err(_) => return self.check_acks_in_time(),
+            if !self.take_reply().await? {
+                break;
             }
         }
         Ok(())
+    }
+
+    /// Takes the next reply on the PubAck inbox, waiting at most
+    /// [`ACK_TIMEOUT`]; `false` when none came and none is overdue yet.
+    async fn take_reply(&mut self) -> Result<bool, Error> {
+        match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
+            Ok(reply) => {
+                let (sequence, reply) = reply?;
+                self.on_reply(sequence, reply)?;
+                Ok(true)
+            }
+            Err(_) => self.check_acks_in_time().map(|()| false),
+        }
+    }
+
+    /// Atomic batches sent and still awaiting their PubAck.
+    fn batches_in_flight(&mut self) -> usize {
+        let tracker = &self.tracker;
+        self.batches_in_flight.retain(|&last| tracker.awaits(last));
+        self.batches_in_flight.len()
     }
 
     /// A PubAck that takes longer than [`ACK_TIMEOUT`] fails the session:
@@ -656,19 +672,8 @@ impl Streamer {
     /// before (refused whole, error 10201, then sent again one event at a
     /// time), and what was sent after them must not be stored first.
     async fn settle_first_batch(&mut self) -> Result<(), Error> {
-        while !self.batch_stored {
-            let tracker = &self.tracker;
-            self.batches_in_flight.retain(|&last| tracker.awaits(last));
-            if self.batches_in_flight.is_empty() {
-                break;
-            }
-            match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
-                Ok(reply) => {
-                    let (sequence, reply) = reply?;
-                    self.on_reply(sequence, reply)?;
-                }
-                Err(_) => self.check_acks_in_time()?,
-            }
+        while !self.batch_stored && self.batches_in_flight() > 0 {
+            self.take_reply().await?;
         }
         Ok(())
     }
@@ -680,10 +685,8 @@ impl Streamer {
         if !self.batch.has_committed() {
             return Ok(());
         }
-        let tracker = &self.tracker;
-        self.batches_in_flight.retain(|&last| tracker.awaits(last));
         let limit = if self.batch_stored { BATCHES_IN_FLIGHT } else { 1 };
-        if self.batches_in_flight.len() < limit || !self.below_caps() {
+        if self.batches_in_flight() < limit || !self.below_caps() {
             self.send_batch().await?;
         }
         Ok(())
