@@ -126,14 +126,32 @@ impl Sql {
     }
 }
 
+/// The SQLSTATE of a server error, as the replication client ends its
+/// message ("... (SQLSTATE 55P03)"); `None` when the server sent
+/// no error (the connection broke, a timeout, a protocol fault).
+pub fn sqlstate(e: &Error) -> Option<String> {
+    let text = e.to_string();
+    let code = text.strip_suffix(')')?.rsplit_once("(SQLSTATE ")?.1;
+    (code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric())).then(|| code.to_owned())
+}
+
 /// Whether `e` is a lock_timeout cancellation (SQLSTATE 55P03).
 pub fn is_lock_timeout(e: &Error) -> bool {
-    e.to_string().contains("SQLSTATE 55P03")
+    sqlstate(e).as_deref() == Some("55P03")
 }
 
 /// Whether connecting failed because the database does not exist (yet).
 pub fn is_missing_database(e: &Error) -> bool {
-    e.to_string().contains("SQLSTATE 3D000")
+    sqlstate(e).as_deref() == Some("3D000")
+}
+
+/// Whether a statement that failed with `e` may succeed when run again
+/// unchanged: a lock or statement timeout, a serialization failure or
+/// deadlock, a shortage of memory, disk or connections, an I/O error, an
+/// administrator's cancel. Every other server error (syntax, permissions,
+/// a missing object, bad data) fails again the same way.
+pub fn is_transient(e: &Error) -> bool {
+    sqlstate(e).is_some_and(|code| matches!(&code[..2], "40" | "53" | "55" | "57" | "58" | "08"))
 }
 
 fn connect_error(cfg: &SourceConfig, e: PgWireError) -> Error {
@@ -175,6 +193,26 @@ mod tests {
         assert_eq!(quote_ident("wal_listener"), "\"wal_listener\"");
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn sqlstates_are_read_from_the_message_and_classified() {
+        let server = |m: &str| Error::Replication(format!("query \"SELECT 1\" failed: {m}"));
+        let lock = server("canceling statement due to lock timeout (SQLSTATE 55P03)");
+        assert_eq!(sqlstate(&lock).as_deref(), Some("55P03"));
+        assert!(is_lock_timeout(&lock) && is_transient(&lock) && !is_missing_database(&lock));
+        let missing = server("database \"app\" does not exist (SQLSTATE 3D000)");
+        assert!(is_missing_database(&missing) && !is_transient(&missing));
+        for code in ["57014", "40001", "40P01", "53200", "58030", "08006"] {
+            assert!(is_transient(&server(&format!("x (SQLSTATE {code})"))), "{code}");
+        }
+        for code in ["42501", "42P01", "22012", "P0001", "XX000", "0A000"] {
+            assert!(!is_transient(&server(&format!("x (SQLSTATE {code})"))), "{code}");
+        }
+        // A clause may quote "SQLSTATE": only the server's own suffix counts.
+        assert_eq!(sqlstate(&server("it says (SQLSTATE 55P03) in a literal")), None);
+        assert_eq!(sqlstate(&Error::Replication("the connection broke".into())), None);
+        assert!(!is_transient(&Error::Replication("query got no answer in 40s".into())));
     }
 
     #[test]
