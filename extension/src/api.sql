@@ -194,6 +194,9 @@ CREATE TABLE backfill_jobs (
     chunks_done bigint NOT NULL DEFAULT 0,
     -- The key of the last row of the last finished chunk: a restart resumes after it.
     last_key text[],
+    -- The role whose privileges read the rows and evaluate where_clause:
+    -- the current user where backfill() was called.
+    run_as regrole NOT NULL,
     requested_at timestamptz NOT NULL DEFAULT now(),
     requested_by name NOT NULL DEFAULT session_user,
     started_at timestamptz,
@@ -208,61 +211,98 @@ CREATE VIEW backfills AS
       FROM @extschema@.backfill_jobs j;
 COMMENT ON VIEW backfills IS 'Backfills and their progress.';
 
-CREATE FUNCTION backfill(tbl regclass, where_clause text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- The columns a backfill orders and resumes its chunks by (attnums, in
+-- index order): those a change's old tuple carries, so that the watermark
+-- window matches a DELETE or a key UPDATE against the rows read. That is
+-- the replica identity's index: the primary key by default, or the index
+-- REPLICA IDENTITY USING INDEX names. With FULL the old tuple has every
+-- column, and with NOTHING (or DEFAULT and no primary key) no UPDATE or
+-- DELETE is published: then any unique index on NOT NULL columns serves,
+-- the primary key first. NULL: none. The one rule; the worker reads it
+-- too (DESIGN.md rule 7).
+CREATE FUNCTION _chunk_key(p_tbl regclass) RETURNS int2[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH candidates AS (
+        SELECT i.indexrelid, i.indisprimary, i.indisreplident,
+               (SELECT array_agg(k.attnum ORDER BY k.n)
+                  FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n) WHERE k.n <= i.indnkeyatts) AS attnums
+          FROM pg_index i
+         WHERE i.indrelid = p_tbl AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL)
+    SELECT c.attnums
+      FROM candidates c JOIN pg_class r ON r.oid = p_tbl
+     WHERE NOT EXISTS (SELECT FROM pg_attribute a
+                        WHERE a.attrelid = p_tbl AND a.attnum = ANY (c.attnums) AND NOT a.attnotnull)
+       AND CASE r.relreplident
+               WHEN 'i' THEN c.indisreplident OR NOT EXISTS (SELECT FROM candidates WHERE indisreplident)
+               WHEN 'd' THEN c.indisprimary OR NOT EXISTS (SELECT FROM candidates WHERE indisprimary)
+               ELSE true
+           END
+     ORDER BY c.indisreplident DESC, c.indisprimary DESC, c.indexrelid
+     LIMIT 1
+$$;
+
+-- backfill() (Rust, in backfill_api.rs) records the role that calls it and
+-- runs this as the extension's owner: the checks, then the job. The clause
+-- is stored as the server re-prints it from the analysed condition.
+CREATE FUNCTION _enqueue_backfill(p_tbl regclass, p_where_clause text, p_role oid) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_kind "char";
     v_schema name;
+    v_schema_oid oid;
     v_name name;
     v_publication text := current_setting('wal_listener.publication');
+    v_condition text;
     v_running bigint;
     v_id bigint;
 BEGIN
-    IF tbl IS NULL THEN
-        RAISE EXCEPTION 'tbl must not be NULL; pass a table, e.g. ''public.orders''';
-    END IF;
-    SELECT c.relkind, n.nspname, c.relname INTO v_kind, v_schema, v_name
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    SELECT c.relkind, n.nspname, n.oid, c.relname INTO v_kind, v_schema, v_schema_oid, v_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_tbl;
     IF v_kind IS DISTINCT FROM 'r' THEN
-        RAISE EXCEPTION '% is not a table (relkind %); backfills read ordinary tables%', tbl,
+        RAISE EXCEPTION '% is not a table (relkind %); backfills read ordinary tables%', p_tbl,
             coalesce(v_kind::text, 'unknown'),
             CASE WHEN v_kind = 'p' THEN '; backfill each partition' ELSE '' END;
     END IF;
     IF v_schema = '@extschema@' THEN
-        RAISE EXCEPTION '% belongs to wal_listener, whose tables are never published', tbl;
+        RAISE EXCEPTION '% belongs to wal_listener, whose tables are never published', p_tbl;
+    END IF;
+    IF NOT has_table_privilege(p_role, p_tbl, 'SELECT') OR NOT has_schema_privilege(p_role, v_schema_oid, 'USAGE') THEN
+        RAISE EXCEPTION 'role % may not SELECT %: a backfill reads the table with the privileges of the role that calls backfill()',
+            p_role::regrole, p_tbl
+            USING HINT = format('GRANT USAGE ON SCHEMA %I TO %s; GRANT SELECT ON %s TO %s;', v_schema, p_role::regrole, p_tbl, p_role::regrole);
     END IF;
     IF NOT EXISTS (SELECT FROM pg_publication_tables t
                     WHERE t.pubname = v_publication AND t.schemaname = v_schema AND t.tablename = v_name) THEN
-        RAISE EXCEPTION '% is not in publication %, so the worker publishes none of its changes', tbl, v_publication;
+        RAISE EXCEPTION '% is not in publication %, so the worker publishes none of its changes', p_tbl, v_publication;
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_index i
-                    WHERE i.indrelid = tbl AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
-                      AND i.indexprs IS NULL
-                      AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = tbl
-                                        AND a.attnum = ANY (i.indkey) AND NOT a.attnotnull)) THEN
-        RAISE EXCEPTION '% has no primary key or unique index on NOT NULL columns, which a backfill reads it by', tbl
-            USING HINT = format('Add one, e.g. ALTER TABLE %s ADD PRIMARY KEY (id);', tbl);
+    IF @extschema@._chunk_key(p_tbl) IS NULL THEN
+        RAISE EXCEPTION '% has no primary key or unique index on NOT NULL columns, which a backfill reads it by', p_tbl
+            USING HINT = format('Add one, e.g. ALTER TABLE %s ADD PRIMARY KEY (id);', p_tbl);
     END IF;
-    IF where_clause IS NOT NULL THEN
+    IF p_where_clause IS NOT NULL THEN
         BEGIN
-            PERFORM @extschema@._check_where_clause(tbl::text, where_clause);
+            v_condition := @extschema@._check_where_clause(p_tbl::text, p_where_clause);
         EXCEPTION WHEN OTHERS THEN
-            RAISE EXCEPTION 'where_clause % is not a condition on % alone: %', quote_literal(where_clause), tbl, SQLERRM;
+            RAISE EXCEPTION 'where_clause % is not a condition on % alone: %', quote_literal(p_where_clause), p_tbl, SQLERRM
+                USING HINT = 'Name your own functions and types with their schema (public.f(x)): the clause is read with search_path = pg_catalog.';
         END;
     END IF;
     SELECT j.id INTO v_running FROM @extschema@.backfill_jobs j
-     WHERE j.tbl = backfill.tbl AND j.state IN ('pending', 'running');
+     WHERE j.tbl = p_tbl AND j.state IN ('pending', 'running');
     IF FOUND THEN
         RAISE EXCEPTION 'backfill % of % has not finished; wait for it or cancel it: SELECT wal_listener.cancel_backfill(%)',
-            v_running, tbl, v_running;
+            v_running, p_tbl, v_running;
     END IF;
-    INSERT INTO @extschema@.backfill_jobs (tbl, where_clause) VALUES (tbl, where_clause) RETURNING id INTO v_id;
+    INSERT INTO @extschema@.backfill_jobs (tbl, where_clause, run_as)
+        VALUES (p_tbl, v_condition, p_role::regrole) RETURNING id INTO v_id;
     RETURN v_id;
 END
 $$;
+
 COMMENT ON FUNCTION backfill(regclass, text) IS
-    'Publishes the rows tbl has (matching where_clause) as READ events, consistent with the live stream; returns the id.';
+    'Publishes the rows tbl has (matching where_clause, read with the calling role''s privileges) as READ events, consistent with the live stream; returns the id.';
 
 CREATE FUNCTION cancel_backfill(id bigint) RETURNS boolean
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -370,6 +410,7 @@ COMMENT ON FUNCTION status() IS 'State of the wal_listener worker: one row.';
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 REVOKE ALL ON FUNCTION add_filter(regclass, text[], text), remove_filter(regclass), restart(), reset_slot(),
     backfill(regclass, text), cancel_backfill(bigint), _check_where_clause(text, text),
+    _enqueue_backfill(regclass, text, oid), _chunk_key(regclass), _read_chunk(oid, text, bigint),
     _write_filters(regclass, boolean, text[], text), _next_rules(bigint, regclass, boolean, text[], text),
     _announce_filter_change(), _request_restart(),
     _normalize_actions(text[]), _check_subject(text), _sync_standby_warning(text), _worker_status(), status()

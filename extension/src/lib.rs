@@ -4,6 +4,7 @@
 
 use pgrx::prelude::*;
 
+mod backfill_api;
 mod create_extension;
 mod gucs;
 mod shmem;

@@ -38,48 +38,6 @@ fn _sync_standby_warning(setting: &str) -> Option<String> {
     audit::sync_standby_warning(setting, wal_listener_core::replication::connection::STREAM_APPLICATION_NAME)
 }
 
-/// Checks that a backfill's `where_clause` is one condition on `table`
-/// alone: parsed and analyzed by the server as `SELECT 1 FROM ONLY table
-/// WHERE (clause)`, which must stay exactly that (no other table, no
-/// subquery, nothing after the condition) and call no volatile function.
-/// Raises an error saying what is wrong; the worker later puts the clause in
-/// that same position, so it reads the same.
-#[pg_extern(volatile)]
-fn _check_where_clause(table: &str, clause: &str) {
-    let query = format!("SELECT 1 FROM ONLY {table} WHERE ({clause})");
-    let Ok(text) = std::ffi::CString::new(query) else {
-        error!("where_clause must not contain a NUL character");
-    };
-    unsafe {
-        let statements = pgrx::PgList::<pg_sys::RawStmt>::from_pg(pg_sys::pg_parse_query(text.as_ptr()));
-        if statements.len() != 1 {
-            error!("where_clause must be one condition, not several statements");
-        }
-        let raw = statements.get_ptr(0).unwrap_or_else(|| error!("where_clause is empty"));
-        let analyzed =
-            pg_sys::parse_analyze_fixedparams(raw, text.as_ptr(), std::ptr::null(), 0, std::ptr::null_mut());
-        let q = &*analyzed;
-        let tables = pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg(q.rtable).len();
-        if tables != 1 || q.hasSubLinks || !q.cteList.is_null() {
-            error!("where_clause may refer only to the table's own columns (no other table, no subquery)");
-        }
-        if !q.setOperations.is_null()
-            || !q.sortClause.is_null()
-            || !q.limitCount.is_null()
-            || !q.limitOffset.is_null()
-            || !q.groupClause.is_null()
-            || !q.havingQual.is_null()
-            || !q.distinctClause.is_null()
-            || pgrx::PgList::<pg_sys::TargetEntry>::from_pg(q.targetList).len() != 1
-        {
-            error!("where_clause must be one condition: nothing may follow it");
-        }
-        if pg_sys::contain_volatile_functions((*q.jointree).quals) {
-            error!("where_clause must not call volatile functions (such as random()); stable ones (now()) are fine");
-        }
-    }
-}
-
 /// Asks the worker to reconnect and resume from the slot; returns at once.
 #[pg_extern(volatile)]
 fn _request_restart() -> bool {

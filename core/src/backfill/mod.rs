@@ -10,32 +10,40 @@
 pub mod store;
 pub mod window;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::config::SourceConfig;
-use crate::replication::connection::Sql;
+use crate::replication::connection::{is_transient, sqlstate, Sql};
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;
-use store::{Job, Shape};
+use store::{Job, Shape, MAX_CHUNK_BYTES};
 use window::{ChunkId, Watermark};
 
 /// How often the task looks for a new job while there is none.
 const POLL: Duration = Duration::from_secs(1);
 /// After a failure of the task's own session, before it tries again.
 const RETRY: Duration = Duration::from_secs(5);
+/// After a chunk read that may pass when run again (a lock or statement
+/// timeout, a deadlock): the first delay, doubled up to the last.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Chunks read again in a row because a change inside their window did
+/// not carry the key, before the job fails.
+const MAX_READ_AGAIN: u32 = 20;
+/// How often the job's state is read while the task waits for writers.
+const CANCEL_CHECK: Duration = Duration::from_secs(1);
 /// Chunk sizes: adapted so that one chunk's read takes about TARGET. A
 /// chunk's rows go out at its high watermark, ahead of the live changes
 /// after it: its size is the stall it adds to live events (20,000 rows
 /// held them up to 0.3 s in bench/, 2,000 rows about 30 ms).
 const FIRST_CHUNK: usize = 1_000;
-const MIN_CHUNK: usize = 100;
+const MIN_CHUNK: usize = 1;
 const MAX_CHUNK: usize = 2_000;
 const TARGET: Duration = Duration::from_millis(50);
-/// A chunk never holds more than this much row text.
-const MAX_CHUNK_BYTES: usize = 4 << 20;
 
 /// A chunk read between its watermarks, for the streamer.
 #[derive(Debug)]
@@ -52,13 +60,25 @@ pub enum ToStreamer {
     Watch { id: ChunkId, shape: Arc<Shape> },
     /// Before its high watermark: the rows read.
     Rows(Chunk),
+    /// The attempt failed after its Watch: stop watching (no high
+    /// watermark will come).
+    Abandon(ChunkId),
 }
 
-/// The streamer's answer: every event of the chunk is acked.
+/// The streamer's answer at a chunk's high watermark.
 #[derive(Debug)]
 pub struct ChunkDone {
     pub id: ChunkId,
-    pub published: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every event of the chunk is acked (`published` of them; the rest
+    /// were left to live events or filtered out).
+    Acked { published: u64 },
+    /// A change inside the window did not carry its key: read it again.
+    ReadAgain,
 }
 
 /// Runs backfill jobs, one at a time, until the session ends (the task is
@@ -72,57 +92,25 @@ pub async fn run(
     to_streamer: mpsc::Sender<ToStreamer>,
     mut done: mpsc::UnboundedReceiver<ChunkDone>,
 ) {
+    let mut task = Task { board, run, attempts: 0, to_streamer };
     loop {
-        match run_jobs(&cfg, &publication, &board, run, &to_streamer, &mut done).await {
+        match task.run_jobs(&cfg, &publication, &mut done).await {
             Ok(()) => return, // the streamer is gone
             Err(e) => {
-                board.log(LogLevel::Warning, format!("backfill: {e}; retrying in {} s", RETRY.as_secs()));
+                task.board
+                    .log(LogLevel::Warning, format!("backfill: {e}; retrying in {} s", RETRY.as_secs()));
                 tokio::time::sleep(RETRY).await;
             }
         }
     }
 }
 
-async fn run_jobs(
-    cfg: &SourceConfig,
-    publication: &str,
-    board: &StatusBoard,
+struct Task {
+    board: Arc<StatusBoard>,
     run: u64,
-    to_streamer: &mpsc::Sender<ToStreamer>,
-    done: &mut mpsc::UnboundedReceiver<ChunkDone>,
-) -> Result<(), Error> {
-    let mut sql = Sql::side(cfg).await?;
-    loop {
-        let Some(mut job) = store::next_job(&mut sql).await? else {
-            board.set_backfill(None);
-            tokio::time::sleep(POLL).await;
-            continue;
-        };
-        store::start(&mut sql, &mut job).await?;
-        let shape = match store::shape(&mut sql, &job, publication).await {
-            Ok(shape) => Arc::new(shape),
-            Err(e) => {
-                fail(&mut sql, board, &job, &e).await?;
-                continue;
-            }
-        };
-        board.log(LogLevel::Info, format!("backfill {} of {} started", job.id, job.table_name));
-        match run_job(&mut sql, board, run, &mut job, shape, to_streamer, done).await? {
-            JobEnd::Done => {
-                store::finish(&mut sql, job.id, "done", None).await?;
-                board.log(
-                    LogLevel::Info,
-                    format!(
-                        "backfill {} of {} done: {} rows in {} chunks",
-                        job.id, job.table_name, job.rows_done, job.chunks_done
-                    ),
-                );
-            }
-            JobEnd::Cancelled => board.log(LogLevel::Info, format!("backfill {} cancelled", job.id)),
-            JobEnd::Failed(e) => fail(&mut sql, board, &job, &e).await?,
-            JobEnd::StreamerGone => return Ok(()),
-        }
-    }
+    /// Chunk reads started in this session: each one's id.
+    attempts: u64,
+    to_streamer: mpsc::Sender<ToStreamer>,
 }
 
 enum JobEnd {
@@ -132,74 +120,238 @@ enum JobEnd {
     StreamerGone,
 }
 
+/// How one attempt at a chunk ended.
+enum Attempt {
+    /// Emitted and acked: `rows` read, `published` sent.
+    Emitted {
+        rows: usize,
+        published: u64,
+        took: Duration,
+        bytes: usize,
+        last_key: Option<Vec<String>>,
+    },
+    ReadAgain,
+    Cancelled,
+    StreamerGone,
+}
+
+impl Task {
+    async fn run_jobs(
+        &mut self,
+        cfg: &SourceConfig,
+        publication: &str,
+        done: &mut mpsc::UnboundedReceiver<ChunkDone>,
+    ) -> Result<(), Error> {
+        let mut sql = Sql::side(cfg).await?;
+        // Type and table names come out qualified, as the server reads chunks.
+        sql.execute("SET search_path = pg_catalog, pg_temp").await?;
+        loop {
+            let Some(mut job) = store::next_job(&mut sql).await? else {
+                self.board.set_backfill(None);
+                tokio::time::sleep(POLL).await;
+                continue;
+            };
+            store::start(&mut sql, &mut job).await?;
+            let shape = match store::shape(&mut sql, &job, publication).await {
+                Ok(shape) => Arc::new(shape),
+                Err(e) => {
+                    fail(&mut sql, &self.board, &job, &e).await?;
+                    continue;
+                }
+            };
+            self.board.log(LogLevel::Info, format!("backfill {} of {} started", job.id, job.table_name));
+            match self.run_job(&mut sql, &mut job, shape, done).await? {
+                JobEnd::Done => {
+                    store::finish(&mut sql, job.id, "done", None).await?;
+                    self.board.log(
+                        LogLevel::Info,
+                        format!(
+                            "backfill {} of {} done: {} rows in {} chunks",
+                            job.id, job.table_name, job.rows_done, job.chunks_done
+                        ),
+                    );
+                }
+                JobEnd::Cancelled => self.board.log(LogLevel::Info, format!("backfill {} cancelled", job.id)),
+                JobEnd::Failed(e) => fail(&mut sql, &self.board, &job, &e).await?,
+                JobEnd::StreamerGone => return Ok(()),
+            }
+            self.board.set_backfill(None);
+        }
+    }
+
+    async fn run_job(
+        &mut self,
+        sql: &mut Sql,
+        job: &mut Job,
+        shape: Arc<Shape>,
+        done: &mut mpsc::UnboundedReceiver<ChunkDone>,
+    ) -> Result<JobEnd, Error> {
+        let mut limit = FIRST_CHUNK;
+        let mut backoff = FIRST_BACKOFF;
+        let mut read_again = 0;
+        loop {
+            if store::state(sql, job.id).await? != "running" {
+                return Ok(JobEnd::Cancelled);
+            }
+            self.board.set_backfill(Some(progress_text(job)));
+            self.attempts += 1;
+            let id = ChunkId { backfill: job.id, attempt: self.attempts, run: self.run };
+            if self.to_streamer.send(ToStreamer::Watch { id, shape: shape.clone() }).await.is_err() {
+                return Ok(JobEnd::StreamerGone);
+            }
+            let attempt = self.chunk(sql, id, job, &shape, limit, done).await;
+            if !matches!(attempt, Ok(Attempt::Emitted { .. })) {
+                // Its window must not stay open, collecting every key the table's writers touch.
+                let _ = self.to_streamer.send(ToStreamer::Abandon(id)).await;
+            }
+            match attempt {
+                Ok(Attempt::Emitted { rows, published, took, bytes, last_key }) => {
+                    job.chunks_done += 1;
+                    job.rows_done += published as i64;
+                    if last_key.is_some() {
+                        job.last_key = last_key;
+                    }
+                    store::progress(sql, job).await?;
+                    if rows == 0 {
+                        return Ok(JobEnd::Done);
+                    }
+                    limit = next_limit(limit, took, bytes);
+                    backoff = FIRST_BACKOFF;
+                    read_again = 0;
+                }
+                Ok(Attempt::ReadAgain) => {
+                    read_again += 1;
+                    if read_again > MAX_READ_AGAIN {
+                        return Ok(JobEnd::Failed(Error::Setup(format!(
+                            "{MAX_READ_AGAIN} chunks in a row saw a change of {} whose key the change stream \
+                             did not carry (the replica identity changed, or an unchanged TOASTed key); \
+                             start the backfill again",
+                            job.table_name
+                        ))));
+                    }
+                }
+                Ok(Attempt::Cancelled) => return Ok(JobEnd::Cancelled),
+                Ok(Attempt::StreamerGone) => return Ok(JobEnd::StreamerGone),
+                Err(e) if is_transient(&e) => {
+                    // A slow read gets smaller chunks; a lock or a deadlock passes with time.
+                    if sqlstate(&e).as_deref() == Some("57014") {
+                        limit = (limit / 4).max(MIN_CHUNK);
+                    }
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    self.board.set_backfill(Some(format!(
+                        "{}; reading the chunk again in {} s: {e}",
+                        progress_text(job),
+                        wait.as_secs()
+                    )));
+                    self.board.log(
+                        LogLevel::Info,
+                        format!(
+                            "backfill {}: a chunk read failed, again in {} s: {e}",
+                            job.id,
+                            wait.as_secs()
+                        ),
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                // The table, the clause or the role's privileges no longer read: the job's fault.
+                Err(e) if sqlstate(&e).is_some() => return Ok(JobEnd::Failed(e)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One attempt at one chunk, after its Watch: the low watermark, the
+    /// wait for writers that may be committing, the read, the high
+    /// watermark, and the streamer's answer.
+    async fn chunk(
+        &mut self,
+        sql: &mut Sql,
+        id: ChunkId,
+        job: &Job,
+        shape: &Arc<Shape>,
+        limit: usize,
+        done: &mut mpsc::UnboundedReceiver<ChunkDone>,
+    ) -> Result<Attempt, Error> {
+        store::emit(sql, Watermark::Low { id, table: job.table }).await?;
+        if !self.wait_for_committing_writers(sql, job).await? {
+            return Ok(Attempt::Cancelled);
+        }
+        let started = Instant::now();
+        let rows = store::read_chunk(sql, job, shape, limit).await?;
+        let took = started.elapsed();
+        let last_key = rows.last().map(|row| {
+            shape.key.iter().map(|(index, _)| row[*index].clone().unwrap_or_default()).collect::<Vec<_>>()
+        });
+        let (count, bytes) = (rows.len(), rows.iter().flatten().flatten().map(String::len).sum());
+        if self.to_streamer.send(ToStreamer::Rows(Chunk { id, shape: shape.clone(), rows })).await.is_err() {
+            return Ok(Attempt::StreamerGone);
+        }
+        store::emit(sql, Watermark::High { id }).await?;
+        Ok(match wait_done(done, id).await {
+            None => Attempt::StreamerGone,
+            Some(Outcome::ReadAgain) => Attempt::ReadAgain,
+            Some(Outcome::Acked { published }) => {
+                Attempt::Emitted { rows: count, published, took, bytes, last_key }
+            }
+        })
+    }
+
+    /// After a low watermark, waits until every transaction that writes
+    /// the table and may be committing has ended: its commit may precede
+    /// the watermark in the WAL (so its changes are not in the window)
+    /// while a read now would not see it yet (a synchronous standby holds
+    /// it between the two). Writers that start later commit after the
+    /// watermark, inside the window. `false`: the job was cancelled.
+    async fn wait_for_committing_writers(&self, sql: &mut Sql, job: &Job) -> Result<bool, Error> {
+        let mut waiting: Option<BTreeSet<String>> = None;
+        let mut delay = Duration::from_millis(2);
+        let started = Instant::now();
+        let mut checked = started;
+        loop {
+            let writers = store::committing_writers(sql, job.table).await?;
+            let writers: Vec<_> = match &waiting {
+                None => writers,
+                Some(first) => writers.into_iter().filter(|w| first.contains(&w.xid)).collect(),
+            };
+            let Some(oldest) = writers.first() else { return Ok(true) };
+            if waiting.is_none() {
+                waiting = Some(writers.iter().map(|w| w.xid.clone()).collect());
+            }
+            if started.elapsed() >= CANCEL_CHECK {
+                self.board.set_backfill(Some(format!(
+                    "{}; waiting for {} transaction(s) writing the table that may be committing (xid {}, {}) \
+                     to end before reading a chunk, so that the read sees every commit before it",
+                    progress_text(job),
+                    writers.len(),
+                    oldest.xid,
+                    oldest.what
+                )));
+                if checked.elapsed() >= CANCEL_CHECK {
+                    checked = Instant::now();
+                    if store::state(sql, job.id).await? != "running" {
+                        return Ok(false);
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
 async fn fail(sql: &mut Sql, board: &StatusBoard, job: &Job, e: &Error) -> Result<(), Error> {
     board.log(LogLevel::Warning, format!("backfill {} of {} failed: {e}", job.id, job.table_name));
     store::finish(sql, job.id, "failed", Some(&e.to_string())).await
 }
 
-async fn run_job(
-    sql: &mut Sql,
-    board: &StatusBoard,
-    run: u64,
-    job: &mut Job,
-    shape: Arc<Shape>,
-    to_streamer: &mpsc::Sender<ToStreamer>,
-    done: &mut mpsc::UnboundedReceiver<ChunkDone>,
-) -> Result<JobEnd, Error> {
-    let mut limit = FIRST_CHUNK;
-    loop {
-        if store::state(sql, job.id).await? != "running" {
-            return Ok(JobEnd::Cancelled);
-        }
-        board.set_backfill(Some(progress_text(job)));
-        let id = ChunkId { backfill: job.id, chunk: job.chunks_done, run };
-        if to_streamer.send(ToStreamer::Watch { id, shape: shape.clone() }).await.is_err() {
-            return Ok(JobEnd::StreamerGone);
-        }
-        store::emit(sql, Watermark::Low { id, table: job.table }).await?;
-        let started = Instant::now();
-        let rows = match store::read_chunk(sql, job, &shape, limit).await {
-            Ok(rows) => rows,
-            // The table or the clause no longer reads: the job's fault, not the session's.
-            Err(e @ Error::Replication(_)) if e.to_string().contains("SQLSTATE") => {
-                return Ok(JobEnd::Failed(e))
-            }
-            Err(e) => return Err(e),
-        };
-        let took = started.elapsed();
-        let last = rows.len() < limit;
-        let next_key = rows.last().map(|row| {
-            shape.key.iter().map(|(index, _)| row[*index].clone().unwrap_or_default()).collect::<Vec<_>>()
-        });
-        let bytes: usize = rows.iter().flatten().flatten().map(String::len).sum();
-        if to_streamer.send(ToStreamer::Rows(Chunk { id, shape: shape.clone(), rows })).await.is_err() {
-            return Ok(JobEnd::StreamerGone);
-        }
-        store::emit(sql, Watermark::High { id }).await?;
-        let Some(ChunkDone { published, .. }) = wait_done(done, id).await else {
-            return Ok(JobEnd::StreamerGone);
-        };
-        job.chunks_done += 1;
-        job.rows_done += published as i64;
-        if next_key.is_some() {
-            job.last_key = next_key;
-        }
-        store::progress(sql, job).await?;
-        if last {
-            board.set_backfill(None);
-            return Ok(JobEnd::Done);
-        }
-        limit = next_limit(limit, took, bytes);
-    }
-}
-
-/// Waits for the streamer to report chunk `id` acked; older reports (of a
-/// chunk whose wait was cut short) are skipped.
-async fn wait_done(done: &mut mpsc::UnboundedReceiver<ChunkDone>, id: ChunkId) -> Option<ChunkDone> {
+/// Waits for the streamer's answer for chunk `id`; answers for other
+/// attempts (one whose wait was cut short) are skipped.
+async fn wait_done(done: &mut mpsc::UnboundedReceiver<ChunkDone>, id: ChunkId) -> Option<Outcome> {
     loop {
         let report = done.recv().await?;
         if report.id == id {
-            return Some(report);
+            return Some(report.outcome);
         }
     }
 }
@@ -213,7 +365,7 @@ fn next_limit(limit: usize, took: Duration, bytes: usize) -> usize {
     } else {
         limit
     };
-    let by_bytes = if bytes > MAX_CHUNK_BYTES / 2 { limit / 2 } else { by_time };
+    let by_bytes = if bytes >= MAX_CHUNK_BYTES / 2 { limit / 2 } else { by_time };
     by_time.min(by_bytes).clamp(MIN_CHUNK, MAX_CHUNK)
 }
 
@@ -239,5 +391,18 @@ mod tests {
         assert_eq!(next_limit(MAX_CHUNK, ms(1), 0), MAX_CHUNK);
         assert_eq!(next_limit(MIN_CHUNK, ms(5000), 0), MIN_CHUNK);
         assert_eq!(next_limit(1000, ms(10), MAX_CHUNK_BYTES), 500, "large rows keep chunks small");
+        assert_eq!(next_limit(1000, ms(10), MAX_CHUNK_BYTES / 2 - 1), 2000);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_takes_only_its_own_answer() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let id = |attempt| ChunkId { backfill: 1, attempt, run: 9 };
+        // The earlier attempt at the same chunk answered late.
+        tx.send(ChunkDone { id: id(1), outcome: Outcome::Acked { published: 5 } }).unwrap();
+        tx.send(ChunkDone { id: id(2), outcome: Outcome::Acked { published: 3 } }).unwrap();
+        assert_eq!(wait_done(&mut rx, id(2)).await, Some(Outcome::Acked { published: 3 }));
+        drop(tx);
+        assert_eq!(wait_done(&mut rx, id(3)).await, None);
     }
 }

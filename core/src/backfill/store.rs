@@ -17,7 +17,11 @@ pub struct Job {
     pub id: i64,
     pub table: u32,
     pub table_name: String,
+    /// The condition as the server re-printed it from the analysed clause:
+    /// one expression, whatever was passed.
     pub where_clause: Option<String>,
+    /// The role that called backfill(): rows are read with its privileges.
+    pub run_as: u32,
     /// The key of the last row of the last finished chunk: resume after it.
     pub last_key: Option<Vec<String>>,
     pub chunks_done: i64,
@@ -31,9 +35,9 @@ pub struct Shape {
     /// Columns as pgoutput would describe them (the publication's column
     /// list; `is_key`: the replica identity, as in `primaryKey`).
     pub relation: Relation,
-    /// The columns chunks are ordered and resumed by (primary key, replica
-    /// identity index or a unique index on NOT NULL columns), as positions
-    /// in `relation.columns`, with their SQL types.
+    /// The columns chunks are ordered and resumed by, the ones a change's
+    /// old tuple carries (`wal_listener._chunk_key`, the one rule), as
+    /// positions in `relation.columns`, with their SQL types.
     pub key: Vec<(usize, String)>,
     /// The publication's row filter, if any.
     pub row_filter: Option<String>,
@@ -44,7 +48,7 @@ pub async fn next_job(sql: &mut Sql) -> Result<Option<Job>, Error> {
     let rows = sql
         .rows(&format!(
             "SELECT id, tbl::oid, tbl::text, where_clause, last_key::text, chunks_done, rows_done, \
-                    coalesce(rows_estimated, -1) \
+                    coalesce(rows_estimated, -1), run_as::oid \
                FROM {JOBS_TABLE} WHERE state IN ('pending', 'running') ORDER BY id LIMIT 1"
         ))
         .await?;
@@ -56,10 +60,12 @@ pub async fn next_job(sql: &mut Sql) -> Result<Option<Job>, Error> {
         table: number(1) as u32,
         table_name: text(2).unwrap_or_default(),
         where_clause: text(3),
-        last_key: text(4).map(|array| parse_text_array(&array)),
+        // Key columns are NOT NULL.
+        last_key: text(4).and_then(|array| text_array(&array)).map(|key| key.into_iter().flatten().collect()),
         chunks_done: number(5),
         rows_done: number(6),
         rows_estimated: number(7),
+        run_as: number(8) as u32,
     }))
 }
 
@@ -128,16 +134,13 @@ pub async fn shape(sql: &mut Sql, job: &Job, publication: &str) -> Result<Shape,
                            WHERE t.pubname = {publication} AND t.schemaname = rel.nspname AND t.tablename = rel.relname), \
                   ri AS (SELECT i.indkey FROM pg_index i, rel WHERE i.indrelid = rel.oid AND \
                            (CASE rel.relreplident WHEN 'i' THEN i.indisreplident WHEN 'd' THEN i.indisprimary ELSE false END)), \
-                  chunk_key AS (SELECT i.indkey FROM pg_index i, rel WHERE i.indrelid = rel.oid AND i.indisunique \
-                                   AND i.indpred IS NULL AND i.indexprs IS NULL AND i.indisvalid \
-                                   AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = rel.oid \
-                                                     AND a.attnum = ANY (i.indkey) AND NOT a.attnotnull) \
-                                 ORDER BY i.indisprimary DESC, i.indisreplident DESC, i.indexrelid LIMIT 1) \
+                  chunk_key AS (SELECT wal_listener._chunk_key(rel.oid) AS attnums FROM rel) \
              SELECT rel.nspname, rel.relname, rel.relreplident::text, a.attname, a.atttypid, a.atttypmod, \
                     format_type(a.atttypid, a.atttypmod), \
                     (rel.relreplident = 'f' OR a.attnum = ANY ((SELECT indkey FROM ri)::int2[]))::text, \
-                    array_position((SELECT indkey FROM chunk_key)::int2[], a.attnum), \
-                    (SELECT rowfilter FROM pub), (SELECT count(*) FROM pub) \
+                    array_position((SELECT attnums FROM chunk_key), a.attnum), \
+                    (SELECT rowfilter FROM pub), (SELECT count(*) FROM pub), \
+                    coalesce(array_length((SELECT attnums FROM chunk_key), 1), 0) \
                FROM rel JOIN pg_attribute a ON a.attrelid = rel.oid \
               WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
                 AND ((SELECT attnames FROM pub) IS NULL OR a.attname::text IN \
@@ -178,8 +181,14 @@ pub async fn shape(sql: &mut Sql, job: &Job, publication: &str) -> Result<Shape,
     key.sort();
     if key.is_empty() {
         return Err(Error::Setup(format!(
-            "backfill {}: table {} has no primary key or unique index on NOT NULL columns (in the \
-             publication's column list) any more",
+            "backfill {}: table {} has no primary key or unique index on NOT NULL columns any more",
+            job.id, job.table_name
+        )));
+    }
+    if text(first, 11).parse::<usize>().ok() != Some(key.len()) {
+        return Err(Error::Setup(format!(
+            "backfill {}: publication {publication} leaves a column of table {}'s key out of its column \
+             list, so a change's key cannot be matched against the rows read",
             job.id, job.table_name
         )));
     }
@@ -191,21 +200,50 @@ pub async fn shape(sql: &mut Sql, job: &Job, publication: &str) -> Result<Shape,
     })
 }
 
+/// The largest chunk a read returns, in the bytes of its rows' values (at
+/// least one row): rows are fetched in parts and the read stops past it.
+pub const MAX_CHUNK_BYTES: usize = 4 << 20;
+
 /// Reads the next chunk: up to `limit` rows after the job's last key, in
-/// key order, every column as text.
+/// key order and at most [`MAX_CHUNK_BYTES`], each column as its type's
+/// output function writes it (what pgoutput sends for a live row). The
+/// server runs the query as the job's role (`_read_chunk`); no rows means
+/// the table is done.
 pub async fn read_chunk(
     sql: &mut Sql,
     job: &Job,
     shape: &Shape,
     limit: usize,
 ) -> Result<Vec<Vec<Option<String>>>, Error> {
+    let query = chunk_query(job, shape, limit);
+    let rows = sql
+        .rows(&format!(
+            "SELECT wal_listener._read_chunk({}, {}, {MAX_CHUNK_BYTES})",
+            job.run_as,
+            quote_literal(&query)
+        ))
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            let text = row.into_iter().next().flatten().unwrap_or_default();
+            text_array(&text)
+                .ok_or_else(|| Error::Replication(format!("a chunk row is not a text[]: {text:.80}")))
+        })
+        .collect()
+}
+
+/// The one shape of a chunk's query. The clause is the server's re-print
+/// of an analysed expression and sits in parentheses of its own, so it
+/// cannot reach the key condition. Names are qualified: the server reads
+/// with `search_path = pg_catalog, pg_temp`, as the clause was checked.
+fn chunk_query(job: &Job, shape: &Shape, limit: usize) -> String {
     let columns = &shape.relation.columns;
     // Columns qualified with the table: an unqualified ORDER BY name would
-    // sort by the text output column of that name. No alias, so that the
-    // where_clause reads as it was checked (`FROM ONLY table WHERE (...)`).
+    // sort by an output column of that name. No alias, so that the clause
+    // reads as it was checked (`FROM ONLY table WHERE (...)`).
     let table = format!("{}.{}", quote_ident(&shape.relation.namespace), quote_ident(&shape.relation.name));
     let column = |name: &str| format!("{table}.{}", quote_ident(name));
-    let select = columns.iter().map(|c| format!("{}::text", column(&c.name))).collect::<Vec<_>>().join(", ");
+    let select = columns.iter().map(|c| column(&c.name)).collect::<Vec<_>>().join(", ");
     let key_names = shape.key.iter().map(|(i, _)| column(&columns[*i].name)).collect::<Vec<_>>().join(", ");
     let mut conditions = Vec::new();
     if let Some(clause) = &job.where_clause {
@@ -226,17 +264,139 @@ pub async fn read_chunk(
     }
     let filter =
         if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
-    sql.rows(&format!("SELECT {select} FROM ONLY {table} {filter} ORDER BY {key_names} LIMIT {limit}")).await
+    format!("SELECT {select} FROM ONLY {table} {filter} ORDER BY {key_names} LIMIT {limit}")
+}
+
+/// A transaction that writes the chunk's table and may be committing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writer {
+    pub xid: String,
+    /// `pid 123, waiting on SyncRep`, or `prepared transaction 'gid'`.
+    pub what: String,
+}
+
+/// Transactions holding a write lock on `table` that may be committing:
+/// every one that has an xid, but those whose session sits idle inside
+/// the transaction (it cannot be committing; it may idle for hours).
+/// A commit is written to the WAL (and decoded) before the transaction
+/// becomes visible, and its locks are released only after that: asked
+/// after a low watermark, this lists every writer whose commit may precede
+/// the watermark and that a chunk read now would not see. Prepared
+/// transactions count: COMMIT PREPARED may be under way.
+pub async fn committing_writers(sql: &mut Sql, table: u32) -> Result<Vec<Writer>, Error> {
+    let rows = sql
+        .rows(&format!(
+            "WITH locks AS MATERIALIZED (SELECT * FROM pg_catalog.pg_locks) \
+             SELECT DISTINCT x.transactionid::text, x.pid, a.wait_event_type, a.wait_event, g.gid \
+               FROM locks r \
+               JOIN locks x ON x.virtualtransaction = r.virtualtransaction AND x.locktype = 'transactionid' \
+                           AND x.mode = 'ExclusiveLock' AND x.granted \
+               LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = x.pid \
+               LEFT JOIN pg_catalog.pg_prepared_xacts g ON g.transaction = x.transactionid \
+              WHERE r.locktype = 'relation' AND r.relation = {table} AND r.granted \
+                AND r.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
+                AND r.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock') \
+                AND NOT (a.state LIKE 'idle in transaction%' AND a.backend_xid IS NOT DISTINCT FROM x.transactionid) \
+              ORDER BY 1"
+        ))
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let text = |i: usize| row.get(i).cloned().flatten();
+            let what = match (text(4), text(1)) {
+                (Some(gid), _) => format!("prepared transaction {}", quote_literal(&gid)),
+                (None, Some(pid)) => match (text(2), text(3)) {
+                    (Some(kind), Some(event)) => format!("pid {pid}, waiting on {kind} {event}"),
+                    _ => format!("pid {pid}, running"),
+                },
+                (None, None) => "no session".to_owned(),
+            };
+            Writer { xid: text(0).unwrap_or_default(), what }
+        })
+        .collect())
 }
 
 /// Postgres' text form of a one-dimensional text[] (`{a,"b c",NULL}`).
-fn parse_text_array(text: &str) -> Vec<String> {
-    crate::event::arrays::parse(text, b',')
-        .unwrap_or_default()
+fn text_array(text: &str) -> Option<Vec<Option<String>>> {
+    crate::event::arrays::parse(text, b',')?
         .into_iter()
         .map(|element| match element {
-            crate::event::arrays::Element::Text(value) => value.into_owned(),
-            _ => String::new(),
+            crate::event::arrays::Element::Text(value) => Some(Some(value.into_owned())),
+            crate::event::arrays::Element::Null => Some(None),
+            crate::event::arrays::Element::Array(_) => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{Column, Relation};
+
+    fn shape() -> Shape {
+        let column =
+            |name: &str| Column { name: name.into(), type_oid: 25, type_modifier: -1, is_key: false };
+        Shape {
+            relation: Relation {
+                id: 1,
+                namespace: "app".into(),
+                name: "or\"ders".into(),
+                replica_identity: b'd',
+                columns: vec![column("id"), column("region"), column("total")],
+            },
+            key: vec![(1, "text".into()), (0, "integer".into())],
+            row_filter: Some("(total > 0)".into()),
+        }
+    }
+
+    fn job(where_clause: Option<&str>, last_key: Option<Vec<&str>>) -> Job {
+        Job {
+            id: 1,
+            table: 1,
+            table_name: "app.orders".into(),
+            where_clause: where_clause.map(str::to_owned),
+            run_as: 10,
+            last_key: last_key.map(|key| key.into_iter().map(str::to_owned).collect()),
+            chunks_done: 0,
+            rows_done: 0,
+            rows_estimated: -1,
+        }
+    }
+
+    #[test]
+    fn a_chunk_query_selects_raw_columns_after_the_last_key_in_key_order() {
+        let t = r#""app"."or""ders""#;
+        assert_eq!(
+            chunk_query(&job(None, None), &shape(), 100),
+            format!(
+                "SELECT {t}.\"id\", {t}.\"region\", {t}.\"total\" FROM ONLY {t} WHERE ((total > 0)) \
+                 ORDER BY {t}.\"region\", {t}.\"id\" LIMIT 100"
+            )
+        );
+        assert_eq!(
+            chunk_query(&job(Some("(id > 0) OR (id < 0)"), Some(vec!["eu's", "7"])), &shape(), 5),
+            format!(
+                "SELECT {t}.\"id\", {t}.\"region\", {t}.\"total\" FROM ONLY {t} WHERE ((id > 0) OR (id < 0)) \
+                 AND ((total > 0)) AND ({t}.\"region\", {t}.\"id\") > ('eu''s'::text, '7'::integer) \
+                 ORDER BY {t}.\"region\", {t}.\"id\" LIMIT 5"
+            )
+        );
+    }
+
+    #[test]
+    fn rows_come_as_text_arrays_with_nulls_and_quoting() {
+        assert_eq!(
+            text_array(r#"{1,NULL,"NULL","a \"b\" \\c",""}"#),
+            Some(vec![
+                Some("1".into()),
+                None,
+                Some("NULL".into()),
+                Some(r#"a "b" \c"#.into()),
+                Some(String::new())
+            ])
+        );
+        assert_eq!(text_array("{{1}}"), None, "rows are one-dimensional");
+        assert_eq!(text_array("not an array"), None);
+    }
 }

@@ -6,12 +6,15 @@
 
 use std::collections::HashSet;
 
-/// Names one chunk of one backfill in one worker session (`run`): the
-/// watermarks of an earlier session, replayed after a restart, never match.
+/// Names one attempt at reading one chunk, in one worker session (`run`):
+/// the watermarks of an earlier session, replayed after a restart, never
+/// match, and a chunk read again after a failure never takes the earlier
+/// attempt's answer for its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChunkId {
     pub backfill: i64,
-    pub chunk: i64,
+    /// Counts every chunk read the backfill task starts in this session.
+    pub attempt: u64,
     pub run: u64,
 }
 
@@ -26,11 +29,11 @@ pub enum Watermark {
 }
 
 impl Watermark {
-    /// The message content: `low <backfill> <chunk> <run> <table>` or `high <backfill> <chunk> <run>`.
+    /// The message content: `low <backfill> <attempt> <run> <table>` or `high <backfill> <attempt> <run>`.
     pub fn content(&self) -> String {
         match self {
-            Watermark::Low { id, table } => format!("low {} {} {} {table}", id.backfill, id.chunk, id.run),
-            Watermark::High { id } => format!("high {} {} {}", id.backfill, id.chunk, id.run),
+            Watermark::Low { id, table } => format!("low {} {} {} {table}", id.backfill, id.attempt, id.run),
+            Watermark::High { id } => format!("high {} {} {}", id.backfill, id.attempt, id.run),
         }
     }
 
@@ -39,7 +42,11 @@ impl Watermark {
         let mut words = text.split(' ');
         let kind = words.next()?;
         let mut number = || words.next()?.parse::<i64>().ok();
-        let id = ChunkId { backfill: number()?, chunk: number()?, run: u64::try_from(number()?).ok()? };
+        let id = ChunkId {
+            backfill: number()?,
+            attempt: u64::try_from(number()?).ok()?,
+            run: u64::try_from(number()?).ok()?,
+        };
         let watermark = match kind {
             "low" => Watermark::Low { id, table: u32::try_from(number()?).ok()? },
             "high" => Watermark::High { id },
@@ -49,19 +56,32 @@ impl Watermark {
     }
 }
 
+/// What a window says about the chunk read inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Emit the rows no change touched.
+    Emit,
+    /// A TRUNCATE of the table inside the window: every row read is gone
+    /// or has a live event after it; emit none and go on.
+    Truncated,
+    /// A change whose key the stream did not carry (an unchanged TOASTed
+    /// key, a key column outside the published columns): any row may be
+    /// stale. Emit none and read the chunk again.
+    ReadAgain,
+}
+
 /// The keys of one table that changed between a chunk's watermarks.
 #[derive(Debug)]
 pub struct Window {
     pub id: ChunkId,
     table: u32,
     changed: HashSet<Vec<u8>>,
-    /// A TRUNCATE of the table inside the window: every row read may be gone.
-    truncated: bool,
+    verdict: Verdict,
 }
 
 impl Window {
     pub fn open(id: ChunkId, table: u32) -> Self {
-        Window { id, table, changed: HashSet::new(), truncated: false }
+        Window { id, table, changed: HashSet::new(), verdict: Verdict::Emit }
     }
 
     pub fn table(&self) -> u32 {
@@ -76,12 +96,25 @@ impl Window {
     }
 
     pub fn truncated(&mut self, table: u32) {
-        self.truncated |= table == self.table;
+        if table == self.table && self.verdict == Verdict::Emit {
+            self.verdict = Verdict::Truncated;
+        }
+    }
+
+    /// A change of `table` touched a row whose key is unknown.
+    pub fn key_unknown(&mut self, table: u32) {
+        if table == self.table {
+            self.verdict = Verdict::ReadAgain;
+        }
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        self.verdict
     }
 
     /// Whether a row read in the chunk is emitted at the high watermark.
     pub fn keeps(&self, key: &[u8]) -> bool {
-        !self.truncated && !self.changed.contains(key)
+        self.verdict == Verdict::Emit && !self.changed.contains(key)
     }
 }
 
@@ -103,7 +136,7 @@ pub fn key_of<'v>(values: impl IntoIterator<Item = Option<&'v [u8]>>) -> Vec<u8>
 mod tests {
     use super::*;
 
-    const ID: ChunkId = ChunkId { backfill: 7, chunk: 3, run: 42 };
+    const ID: ChunkId = ChunkId { backfill: 7, attempt: 3, run: 42 };
 
     #[test]
     fn watermarks_round_trip_and_reject_garbage() {
@@ -127,8 +160,24 @@ mod tests {
         assert!(window.keeps(&key("3")));
         window.truncated(200);
         assert!(window.keeps(&key("1")));
+        assert_eq!(window.verdict(), Verdict::Emit);
         window.truncated(100);
         assert!(!window.keeps(&key("1")), "a truncate inside the window drops the whole chunk");
+        assert_eq!(window.verdict(), Verdict::Truncated);
+    }
+
+    #[test]
+    fn a_change_of_unknown_key_makes_the_chunk_read_again_whatever_came_before() {
+        let key = |id: &str| key_of([Some(id.as_bytes())]);
+        let mut window = Window::open(ID, 100);
+        window.key_unknown(200); // another table
+        assert_eq!(window.verdict(), Verdict::Emit);
+        window.truncated(100);
+        window.key_unknown(100);
+        assert_eq!(window.verdict(), Verdict::ReadAgain);
+        window.truncated(100);
+        assert_eq!(window.verdict(), Verdict::ReadAgain, "a later truncate does not make the rows safe");
+        assert!(!window.keeps(&key("1")));
     }
 
     #[test]

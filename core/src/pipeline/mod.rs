@@ -172,7 +172,9 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
             );
             // Backfills run beside the streamer, and end with this session.
             let (backfill, _backfill_task) = if cfg.source.require_extension {
-                let (to_streamer, from_task) = mpsc::channel(4);
+                // A few attempts' messages: the streamer takes them at every
+                // change while a window is open and at every watermark.
+                let (to_streamer, from_task) = mpsc::channel(64);
                 let (done_tx, done_rx) = mpsc::unbounded_channel();
                 let run = session_token();
                 let task = tokio::spawn(backfill::run(

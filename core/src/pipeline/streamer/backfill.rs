@@ -10,13 +10,12 @@ use tokio::sync::mpsc;
 
 use super::{route, send, Streamer};
 use crate::backfill::store::Shape;
-use crate::backfill::window::{key_of, ChunkId, Watermark, Window};
-use crate::backfill::{Chunk, ChunkDone, ToStreamer};
+use crate::backfill::window::{key_of, ChunkId, Verdict, Watermark, Window};
+use crate::backfill::{Chunk, ChunkDone, Outcome, ToStreamer};
 use crate::event::{describe_row, encode_event_with, Action, Position, RowChange};
 use crate::filters::Decision;
 use crate::pgoutput::{OldTuple, Relation, TupleData, Value};
 use crate::publish::Sent;
-use crate::replication::catalog;
 use crate::{Error, Lsn};
 
 /// Seconds from 1970-01-01 to 2000-01-01, Postgres' timestamp epoch.
@@ -46,6 +45,24 @@ impl BackfillState {
         BackfillState { link, window: None, awaiting_acks: VecDeque::new(), received: VecDeque::new() }
     }
 
+    /// Takes what the task sent; an abandoned attempt's messages and window go.
+    fn drain(&mut self) {
+        while let Ok(message) = self.link.from_task.try_recv() {
+            match message {
+                ToStreamer::Abandon(id) => {
+                    self.received.retain(|m| match m {
+                        ToStreamer::Watch { id: other, .. } | ToStreamer::Abandon(other) => *other != id,
+                        ToStreamer::Rows(chunk) => chunk.id != id,
+                    });
+                    if self.window.as_ref().is_some_and(|(window, _)| window.id == id) {
+                        self.window = None;
+                    }
+                }
+                message => self.received.push_back(message),
+            }
+        }
+    }
+
     /// Records the key a change of the watched table touches.
     pub(super) fn note_change(
         &mut self,
@@ -54,6 +71,7 @@ impl BackfillState {
         new: Option<&TupleData<'_>>,
         old: Option<&OldTuple<'_>>,
     ) {
+        self.drain();
         let Some((window, shape)) = self.window.as_mut() else { return };
         if relation.id != window.table() {
             return;
@@ -70,39 +88,60 @@ impl BackfillState {
                 relation.columns.iter().position(|c| &c.name == name)
             })
             .collect();
-        // A key column the stream does not carry: keep no row of this chunk.
-        let Some(positions) = positions else {
-            window.truncated(relation.id);
-            return;
-        };
         let old = match old {
             Some(OldTuple::Key(row) | OldTuple::Full(row)) => Some(row),
             None => None,
         };
         for row in [new, old].into_iter().flatten() {
-            let values = positions.iter().map(|&i| match row.values.get(i) {
-                Some(Value::Text(bytes) | Value::Binary(bytes)) => Some(*bytes),
-                _ => None,
+            // A key column the stream does not describe, or a value it did
+            // not send (an unchanged TOASTed key): the key is unknown.
+            let key: Option<Vec<&[u8]>> = positions.as_ref().and_then(|positions| {
+                positions
+                    .iter()
+                    .map(|&i| match row.values.get(i) {
+                        Some(Value::Text(bytes) | Value::Binary(bytes)) => Some(*bytes),
+                        _ => None,
+                    })
+                    .collect()
             });
-            window.changed(relation.id, key_of(values));
+            match key {
+                Some(key) => window.changed(relation.id, key_of(key.into_iter().map(Some))),
+                None => window.key_unknown(relation.id),
+            }
         }
     }
 
     /// The task's message for chunk `id`: sent before its watermark was
     /// written, so it is in the channel when the watermark is in the stream.
     fn take(&mut self, id: ChunkId, rows: bool) -> Option<ToStreamer> {
-        while let Ok(message) = self.link.from_task.try_recv() {
-            self.received.push_back(message);
-        }
+        self.drain();
         let matches = |message: &ToStreamer| match message {
             ToStreamer::Watch { id: watched, .. } => !rows && *watched == id,
             ToStreamer::Rows(chunk) => rows && chunk.id == id,
+            ToStreamer::Abandon(_) => false,
         };
         let index = self.received.iter().position(matches)?;
         // Anything older belongs to a chunk whose watermark will not come.
         let message = self.received.remove(index);
         self.received.drain(..index);
         message
+    }
+
+    /// A low watermark of this session: opens the window its Watch asked for.
+    fn low(&mut self, id: ChunkId, table: u32) {
+        if let Some(ToStreamer::Watch { shape, .. }) = self.take(id, false) {
+            self.window = Some((Window::open(id, table), shape));
+        }
+    }
+
+    /// A high watermark of this session: closes the window (whichever is
+    /// open) and returns it with the rows read inside it, if it was this one's.
+    fn high(&mut self, id: ChunkId) -> Option<(Window, Arc<Shape>, Chunk)> {
+        let (window, shape) = self.window.take().filter(|(window, _)| window.id == id)?;
+        match self.take(id, true)? {
+            ToStreamer::Rows(chunk) => Some((window, shape, chunk)),
+            _ => None,
+        }
     }
 }
 
@@ -112,20 +151,17 @@ impl Streamer {
         let Some(state) = self.backfill.as_mut() else { return Ok(()) };
         match Watermark::parse(content) {
             Some(Watermark::Low { id, table }) if id.run == state.link.run => {
-                if let Some(ToStreamer::Watch { shape, .. }) = state.take(id, false) {
-                    state.window = Some((Window::open(id, table), shape));
-                }
+                state.low(id, table);
                 Ok(())
             }
-            Some(Watermark::High { id }) if id.run == state.link.run => {
-                let Some((window, shape)) = state.window.take().filter(|(window, _)| window.id == id) else {
-                    return Ok(());
-                };
-                match state.take(id, true) {
-                    Some(ToStreamer::Rows(chunk)) => self.emit_chunk(&window, &shape, chunk, lsn).await,
-                    _ => Ok(()),
+            Some(Watermark::High { id }) if id.run == state.link.run => match state.high(id) {
+                Some((window, ..)) if window.verdict() == Verdict::ReadAgain => {
+                    let _ = state.link.done.send(ChunkDone { id, outcome: Outcome::ReadAgain });
+                    Ok(())
                 }
-            }
+                Some((window, shape, chunk)) => self.emit_chunk(&window, &shape, chunk, lsn).await,
+                None => Ok(()),
+            },
             _ => Ok(()), // an earlier session's, or not ours
         }
     }
@@ -139,12 +175,7 @@ impl Streamer {
         lsn: Lsn,
     ) -> Result<(), Error> {
         let relation = &shape.relation;
-        let unknown = self.catalog.unknown(relation.columns.iter().map(|c| c.type_oid));
-        if !unknown.is_empty() {
-            let rows = catalog::lookup_types(&self.source, &unknown).await?;
-            self.catalog.learn(&rows);
-        }
-        let kinds: Vec<_> = relation.columns.iter().map(|c| self.catalog.kind(c.type_oid)).collect();
+        let kinds = self.kinds_of(relation).await?;
         let subject_override = match self.filters.decide(relation.id, Action::Read) {
             Decision::Skip => {
                 self.board.add_filtered(chunk.rows.len() as u64);
@@ -213,7 +244,7 @@ impl Streamer {
                 break;
             }
             state.awaiting_acks.pop_front();
-            let _ = state.link.done.send(ChunkDone { id, published });
+            let _ = state.link.done.send(ChunkDone { id, outcome: Outcome::Acked { published } });
         }
     }
 
@@ -233,4 +264,102 @@ impl Streamer {
 fn now_pg_micros() -> i64 {
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
     unix - PG_EPOCH_UNIX_SECS * 1_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::Column;
+
+    const TABLE: u32 = 100;
+
+    fn shape() -> Arc<Shape> {
+        let column = |name: &str| Column { name: name.into(), type_oid: 25, type_modifier: -1, is_key: false };
+        Arc::new(Shape {
+            relation: Relation {
+                id: TABLE,
+                namespace: "public".into(),
+                name: "t".into(),
+                replica_identity: b'i',
+                columns: vec![column("id"), column("code")],
+            },
+            key: vec![(1, "text".into())],
+            row_filter: None,
+        })
+    }
+
+    fn state() -> (BackfillState, mpsc::Sender<ToStreamer>, mpsc::UnboundedReceiver<ChunkDone>) {
+        let (to_streamer, from_task) = mpsc::channel(64);
+        let (done, answers) = mpsc::unbounded_channel();
+        (BackfillState::new(BackfillLink { run: 9, from_task, done }), to_streamer, answers)
+    }
+
+    fn id(attempt: u64) -> ChunkId {
+        ChunkId { backfill: 1, attempt, run: 9 }
+    }
+
+    /// A DELETE under `REPLICA IDENTITY USING INDEX (code)`: the old tuple carries `code` only.
+    fn delete(state: &mut BackfillState, code: Option<&'static [u8]>) {
+        let old = TupleData { values: vec![Value::Null, code.map_or(Value::UnchangedToast, Value::Text)] };
+        state.note_change(&shape().relation, Action::Delete, None, Some(&OldTuple::Key(old)));
+    }
+
+    fn rows(id: ChunkId) -> ToStreamer {
+        ToStreamer::Rows(Chunk { id, shape: shape(), rows: vec![vec![Some("1".into()), Some("a".into())]] })
+    }
+
+    #[test]
+    fn a_delete_inside_the_window_hides_its_row_by_the_replica_identity_key() {
+        let (mut state, task, _) = state();
+        task.try_send(ToStreamer::Watch { id: id(1), shape: shape() }).unwrap();
+        state.low(id(1), TABLE);
+        delete(&mut state, Some(b"a"));
+        task.try_send(rows(id(1))).unwrap();
+        let (window, _, chunk) = state.high(id(1)).expect("the chunk");
+        assert_eq!(chunk.rows.len(), 1);
+        assert!(!window.keeps(&key_of([Some(&b"a"[..])])));
+        assert!(window.keeps(&key_of([Some(&b"b"[..])])));
+    }
+
+    #[test]
+    fn an_abandoned_attempt_closes_its_window_and_collects_no_keys() {
+        let (mut state, task, _) = state();
+        task.try_send(ToStreamer::Watch { id: id(1), shape: shape() }).unwrap();
+        state.low(id(1), TABLE);
+        assert!(state.window.is_some());
+        task.try_send(ToStreamer::Abandon(id(1))).unwrap();
+        delete(&mut state, Some(b"a"));
+        assert!(state.window.is_none(), "the window closed at the next change");
+        // Abandoned before its low watermark was decoded: the window never opens.
+        task.try_send(ToStreamer::Watch { id: id(2), shape: shape() }).unwrap();
+        task.try_send(ToStreamer::Abandon(id(2))).unwrap();
+        state.low(id(2), TABLE);
+        assert!(state.window.is_none());
+        assert!(state.received.is_empty());
+        // The next attempt is watched as usual.
+        task.try_send(ToStreamer::Watch { id: id(3), shape: shape() }).unwrap();
+        state.low(id(3), TABLE);
+        assert_eq!(state.window.as_ref().map(|(w, _)| w.id), Some(id(3)));
+    }
+
+    #[test]
+    fn a_change_without_its_key_reads_the_chunk_again() {
+        let (mut state, task, _) = state();
+        task.try_send(ToStreamer::Watch { id: id(1), shape: shape() }).unwrap();
+        state.low(id(1), TABLE);
+        delete(&mut state, None); // an unchanged TOASTed key
+        task.try_send(rows(id(1))).unwrap();
+        let (window, ..) = state.high(id(1)).expect("the chunk");
+        assert_eq!(window.verdict(), Verdict::ReadAgain);
+    }
+
+    #[test]
+    fn a_high_watermark_of_another_attempt_emits_nothing() {
+        let (mut state, task, _) = state();
+        task.try_send(ToStreamer::Watch { id: id(1), shape: shape() }).unwrap();
+        state.low(id(1), TABLE);
+        task.try_send(rows(id(1))).unwrap();
+        assert!(state.high(id(2)).is_none());
+        assert!(state.window.is_none());
+    }
 }

@@ -494,12 +494,7 @@ impl Streamer {
             Message::Begin(begin) => self.begin(begin),
             Message::Commit(commit) => self.commit(commit.end_lsn).await?,
             Message::Relation(relation) => {
-                let unknown = self.catalog.unknown(relation.columns.iter().map(|c| c.type_oid));
-                if !unknown.is_empty() {
-                    let rows = catalog::lookup_types(&self.source, &unknown).await?;
-                    self.catalog.learn(&rows);
-                }
-                let kinds = relation.columns.iter().map(|c| self.catalog.kind(c.type_oid)).collect();
+                let kinds = self.kinds_of(&relation).await?;
                 self.kinds.insert(relation.id, kinds);
                 self.routes.remove(&relation.id);
                 self.relations.insert(relation);
@@ -521,6 +516,18 @@ impl Streamer {
             Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
         }
         Ok(())
+    }
+
+    /// How each column of `relation` maps to JSON, from the catalog (read
+    /// once per session and set of new types): the same for a live row and
+    /// a backfilled one.
+    async fn kinds_of(&mut self, relation: &Relation) -> Result<Vec<ValueKind>, Error> {
+        let unknown = self.catalog.unknown(relation.columns.iter().map(|c| c.type_oid));
+        if !unknown.is_empty() {
+            let rows = catalog::lookup_types(&self.source, &unknown).await?;
+            self.catalog.learn(&rows);
+        }
+        Ok(relation.columns.iter().map(|c| self.catalog.kind(c.type_oid)).collect())
     }
 
     /// Filters, encodes and publishes one change (one truncated table).
