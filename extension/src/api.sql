@@ -211,35 +211,45 @@ CREATE VIEW backfills AS
       FROM @extschema@.backfill_jobs j;
 COMMENT ON VIEW backfills IS 'Backfills and their progress.';
 
+-- The columns a change's old tuple carries as its key (attnums, in index
+-- order), as Postgres picks them (RelationGetIdentityKeyBitmap): the key
+-- columns of the replica identity index, which is the primary key by
+-- default or the index REPLICA IDENTITY USING INDEX names, and must be
+-- valid and immediate. NULL with FULL (every column), NOTHING, or no such
+-- index. pgoutput flags these columns as the key; so do READ events.
+CREATE FUNCTION _replica_identity_key(p_tbl regclass) RETURNS int2[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (SELECT array_agg(k.attnum ORDER BY k.n)
+              FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n) WHERE k.n <= i.indnkeyatts)
+      FROM pg_index i JOIN pg_class r ON r.oid = i.indrelid
+     WHERE i.indrelid = p_tbl AND i.indisvalid AND i.indisunique AND i.indimmediate AND i.indpred IS NULL
+       AND CASE r.relreplident WHEN 'i' THEN i.indisreplident WHEN 'd' THEN i.indisprimary ELSE false END
+$$;
+
 -- The columns a backfill orders and resumes its chunks by (attnums, in
 -- index order): those a change's old tuple carries, so that the watermark
--- window matches a DELETE or a key UPDATE against the rows read. That is
--- the replica identity's index: the primary key by default, or the index
--- REPLICA IDENTITY USING INDEX names. With FULL the old tuple has every
--- column, and with NOTHING (or DEFAULT and no primary key) no UPDATE or
--- DELETE is published: then any unique index on NOT NULL columns serves,
--- the primary key first. NULL: none. The one rule; the worker reads it
--- too (DESIGN.md rule 7).
+-- window matches a DELETE or a key UPDATE against the rows read, i.e. the
+-- replica identity's key. With FULL the old tuple has every column, and
+-- with NOTHING (or no replica identity index) no UPDATE or DELETE is
+-- published: then any unique index on NOT NULL columns serves, the
+-- primary key first. NULL: none. The one rule; the worker reads it too
+-- (DESIGN.md rule 7).
 CREATE FUNCTION _chunk_key(p_tbl regclass) RETURNS int2[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH candidates AS (
-        SELECT i.indexrelid, i.indisprimary, i.indisreplident,
-               (SELECT array_agg(k.attnum ORDER BY k.n)
-                  FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n) WHERE k.n <= i.indnkeyatts) AS attnums
-          FROM pg_index i
-         WHERE i.indrelid = p_tbl AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL)
-    SELECT c.attnums
-      FROM candidates c JOIN pg_class r ON r.oid = p_tbl
-     WHERE NOT EXISTS (SELECT FROM pg_attribute a
-                        WHERE a.attrelid = p_tbl AND a.attnum = ANY (c.attnums) AND NOT a.attnotnull)
-       AND CASE r.relreplident
-               WHEN 'i' THEN c.indisreplident OR NOT EXISTS (SELECT FROM candidates WHERE indisreplident)
-               WHEN 'd' THEN c.indisprimary OR NOT EXISTS (SELECT FROM candidates WHERE indisprimary)
-               ELSE true
-           END
-     ORDER BY c.indisreplident DESC, c.indisprimary DESC, c.indexrelid
-     LIMIT 1
+    SELECT coalesce(@extschema@._replica_identity_key(p_tbl), (
+        SELECT c.attnums
+          FROM (SELECT i.indexrelid, i.indisprimary,
+                       (SELECT array_agg(k.attnum ORDER BY k.n)
+                          FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, n) WHERE k.n <= i.indnkeyatts) AS attnums
+                  FROM pg_index i
+                 WHERE i.indrelid = p_tbl AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+                   AND i.indexprs IS NULL) c
+         WHERE NOT EXISTS (SELECT FROM pg_attribute a
+                            WHERE a.attrelid = p_tbl AND a.attnum = ANY (c.attnums) AND NOT a.attnotnull)
+         ORDER BY c.indisprimary DESC, c.indexrelid
+         LIMIT 1))
 $$;
 
 -- backfill() (Rust, in backfill_api.rs) records the role that calls it and
@@ -410,7 +420,8 @@ COMMENT ON FUNCTION status() IS 'State of the wal_listener worker: one row.';
 GRANT USAGE ON SCHEMA @extschema@ TO PUBLIC;
 REVOKE ALL ON FUNCTION add_filter(regclass, text[], text), remove_filter(regclass), restart(), reset_slot(),
     backfill(regclass, text), cancel_backfill(bigint), _check_where_clause(text, text),
-    _enqueue_backfill(regclass, text, oid), _chunk_key(regclass), _read_chunk(oid, text, bigint),
+    _enqueue_backfill(regclass, text, oid), _replica_identity_key(regclass), _chunk_key(regclass),
+    _read_chunk(oid, text, bigint, oid[]),
     _write_filters(regclass, boolean, text[], text), _next_rules(bigint, regclass, boolean, text[], text),
     _announce_filter_change(), _request_restart(),
     _normalize_actions(text[]), _check_subject(text), _sync_standby_warning(text), _worker_status(), status()

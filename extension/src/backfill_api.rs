@@ -8,6 +8,7 @@ use std::ffi::{CStr, CString};
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
+use wal_listener_core::replication::connection::TEXT_SETTINGS;
 
 /// Enqueues a backfill of `tbl` (see `_enqueue_backfill` in api.sql) to be
 /// read with the privileges of the role calling this function: the current
@@ -86,9 +87,32 @@ fn _check_where_clause(table: &str, clause: &str) -> String {
         }
         let relid = (*tables.get_ptr(0).unwrap_or_else(|| error!("where_clause names no table"))).relid;
         let context = pg_sys::deparse_context_for(pg_sys::get_rel_name(relid), relid);
+        // Constants print through output functions: in the worker's text
+        // forms, which it reads them back in (a date under DateStyle
+        // 'SQL, DMY' would print 01/02/2025 and read back as 2 January).
+        let guc_level = pg_sys::NewGUCNestLevel();
+        for (name, value) in TEXT_SETTINGS {
+            set_setting(name, value);
+        }
         let printed = pg_sys::deparse_expression(condition, context, false, false);
+        pg_sys::AtEOXact_GUC(false, guc_level);
         CStr::from_ptr(printed).to_string_lossy().into_owned()
     }
+}
+
+/// Sets `name` for the current GUC nest level (undone with it).
+unsafe fn set_setting(name: &str, value: &str) {
+    let (name, value) = (CString::new(name).expect("no NUL"), CString::new(value).expect("no NUL"));
+    pg_sys::set_config_option(
+        name.as_ptr(),
+        value.as_ptr(),
+        pg_sys::GucContext::PGC_USERSET,
+        pg_sys::GucSource::PGC_S_SESSION,
+        pg_sys::GucAction::GUC_ACTION_SAVE,
+        true,
+        0,
+        false,
+    );
 }
 
 /// Runs `query` (a backfill chunk's SELECT, built by the worker) as role
@@ -104,14 +128,20 @@ fn _check_where_clause(table: &str, clause: &str) -> String {
 /// it changes are undone before the values are written as text, so each
 /// row's text form depends only on the session's pinned settings.
 ///
+/// The columns must have the types `column_types` (as the worker read the
+/// table's shape; the table is locked against ALTER from planning on):
+/// otherwise SQLSTATE 42804, and the worker reads the shape again.
+///
 /// Rows are fetched in parts and the read stops once they hold `max_bytes`
-/// (at least one row), so a chunk of huge rows never sits whole in memory.
+/// (at least one row), so a chunk of huge rows never sits whole in memory;
+/// a NULL row last says it stopped there.
 #[pg_extern(volatile)]
 fn _read_chunk(
     run_as: pg_sys::Oid,
     query: &str,
     max_bytes: i64,
-) -> SetOfIterator<'static, Vec<Option<String>>> {
+    column_types: Vec<pg_sys::Oid>,
+) -> SetOfIterator<'static, Option<Vec<Option<String>>>> {
     if !unsafe { pg_sys::superuser() } {
         error!("_read_chunk is the wal_listener worker's own; superusers only");
     }
@@ -125,8 +155,12 @@ fn _read_chunk(
     let Ok(query) = CString::new(query) else {
         error!("a chunk query must not contain a NUL character");
     };
-    let (descriptor, tuples) = unsafe { fetch_as(run_as, &query, max_bytes.max(1) as usize) };
-    let rows = unsafe { output_text(descriptor, &tuples) };
+    let read = unsafe { fetch_as(run_as, &query, max_bytes.max(1) as usize, &column_types) };
+    let mut rows: Vec<_> =
+        unsafe { output_text(read.descriptor, &read.tuples) }.into_iter().map(Some).collect();
+    if read.cut {
+        rows.push(None);
+    }
     SetOfIterator::new(rows)
 }
 
@@ -160,26 +194,25 @@ impl Drop for UserSwitch {
     }
 }
 
-/// Runs `query` as `role` and returns its rows as flattened tuples (TOAST
-/// fetched and decompressed) in the caller's memory context, with a copy of
-/// their descriptor; stops fetching once `max_bytes` are held.
+/// What [`fetch_as`] read: flattened tuples (TOAST fetched and
+/// decompressed) in the caller's memory context, their descriptor, and
+/// whether it stopped at the bytes bound.
+struct Fetched {
+    descriptor: pg_sys::TupleDesc,
+    tuples: Vec<pg_sys::HeapTupleHeader>,
+    cut: bool,
+}
+
+/// Runs `query` as `role` and fetches its rows until they hold `max_bytes`.
 unsafe fn fetch_as(
     role: pg_sys::Oid,
     query: &CStr,
     max_bytes: usize,
-) -> (pg_sys::TupleDesc, Vec<pg_sys::HeapTupleHeader>) {
+    column_types: &[pg_sys::Oid],
+) -> Fetched {
     let outer = pg_sys::CurrentMemoryContext;
     let guc_level = pg_sys::NewGUCNestLevel();
-    pg_sys::set_config_option(
-        c"search_path".as_ptr(),
-        c"pg_catalog, pg_temp".as_ptr(),
-        pg_sys::GucContext::PGC_USERSET,
-        pg_sys::GucSource::PGC_S_SESSION,
-        pg_sys::GucAction::GUC_ACTION_SAVE,
-        true,
-        0,
-        false,
-    );
+    set_setting("search_path", "pg_catalog, pg_temp");
     let switch = UserSwitch::to(role, pg_sys::SECURITY_RESTRICTED_OPERATION);
     if pg_sys::SPI_connect() != pg_sys::SPI_OK_CONNECT as i32 {
         error!("SPI_connect failed");
@@ -191,38 +224,53 @@ unsafe fn fetch_as(
     }
     let portal =
         pg_sys::SPI_cursor_open(std::ptr::null(), plan, std::ptr::null_mut(), std::ptr::null(), true);
-    let mut descriptor: pg_sys::TupleDesc = std::ptr::null_mut();
-    let mut tuples = Vec::new();
+    let read_types: Vec<pg_sys::Oid> =
+        pgrx::PgTupleDesc::from_pg_unchecked((*portal).tupDesc).iter().map(|a| a.atttypid).collect();
+    if read_types != column_types {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!(
+                "the table's columns changed since the backfill read its shape (types {read_types:?}, \
+                 expected {column_types:?})"
+            )
+        );
+    }
+    let mut fetched = Fetched { descriptor: std::ptr::null_mut(), tuples: Vec::new(), cut: false };
     let mut bytes = 0;
     // One row first; then as many as the rows so far say fit the rest of the budget.
     let mut fetch = 1;
-    while bytes < max_bytes {
+    loop {
         pg_sys::SPI_cursor_fetch(portal, true, fetch);
         let table = pg_sys::SPI_tuptable;
         if pg_sys::SPI_processed == 0 || table.is_null() {
             break;
         }
         let previous = pg_sys::MemoryContextSwitchTo(outer);
-        if descriptor.is_null() {
-            descriptor = pg_sys::CreateTupleDescCopy((*table).tupdesc);
+        if fetched.descriptor.is_null() {
+            fetched.descriptor = pg_sys::CreateTupleDescCopy((*table).tupdesc);
         }
         for i in 0..pg_sys::SPI_processed as usize {
             let datum = pg_sys::heap_copy_tuple_as_datum(*(*table).vals.add(i), (*table).tupdesc);
             let header = datum.cast_mut_ptr::<pg_sys::HeapTupleHeaderData>();
             bytes += pgrx::heap_tuple_header_get_datum_length(header);
-            tuples.push(header);
+            fetched.tuples.push(header);
         }
         pg_sys::MemoryContextSwitchTo(previous);
         pg_sys::SPI_freetuptable(table);
-        let average = bytes / tuples.len();
-        fetch = (max_bytes.saturating_sub(bytes) / average.max(1)).clamp(1, FETCH_ROWS) as std::ffi::c_long;
+        if bytes >= max_bytes {
+            fetched.cut = true;
+            break;
+        }
+        let average = bytes / fetched.tuples.len();
+        fetch = ((max_bytes - bytes) / average.max(1)).clamp(1, FETCH_ROWS) as std::ffi::c_long;
     }
     pg_sys::SPI_cursor_close(portal);
     pg_sys::SPI_finish();
     drop(switch);
     // Undo whatever the query's functions set, before any value is written as text.
     pg_sys::AtEOXact_GUC(false, guc_level);
-    (descriptor, tuples)
+    fetched
 }
 
 /// Each tuple's columns through their types' output functions.

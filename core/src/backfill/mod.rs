@@ -20,7 +20,7 @@ use crate::config::SourceConfig;
 use crate::replication::connection::{is_transient, sqlstate, Sql};
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;
-use store::{Job, Shape, MAX_CHUNK_BYTES};
+use store::{Job, Read, Shape, MAX_CHUNK_BYTES};
 use window::{ChunkId, Watermark};
 
 /// How often the task looks for a new job while there is none.
@@ -31,9 +31,12 @@ const RETRY: Duration = Duration::from_secs(5);
 /// timeout, a deadlock): the first delay, doubled up to the last.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// Chunks read again in a row because a change inside their window did
-/// not carry the key, before the job fails.
+/// Chunks read again in a row (a change inside their window did not carry
+/// the key, or the table's columns changed under the read) before the
+/// job fails.
 const MAX_READ_AGAIN: u32 = 20;
+/// Transient failures in a row before the job fails with the last one.
+const MAX_TRANSIENT: u32 = 30;
 /// How often the job's state is read while the task waits for writers.
 const CANCEL_CHECK: Duration = Duration::from_secs(1);
 /// Chunk sizes: adapted so that one chunk's read takes about TARGET. A
@@ -113,6 +116,14 @@ struct Task {
     to_streamer: mpsc::Sender<ToStreamer>,
 }
 
+/// Why a chunk is read again.
+enum Retry {
+    /// At once, with a fresh shape (the error, if one caused it).
+    ReadAgain(Option<Error>),
+    /// After a backoff.
+    Transient(Error),
+}
+
 enum JobEnd {
     Done,
     Cancelled,
@@ -122,13 +133,14 @@ enum JobEnd {
 
 /// How one attempt at a chunk ended.
 enum Attempt {
-    /// Emitted and acked: `rows` read, `published` sent.
+    /// Emitted and acked: `published` sent; the next chunk starts after
+    /// `last_key`, or the table is `done`.
     Emitted {
-        rows: usize,
         published: u64,
         took: Duration,
         bytes: usize,
         last_key: Option<Vec<String>>,
+        done: bool,
     },
     ReadAgain,
     Cancelled,
@@ -152,15 +164,8 @@ impl Task {
                 continue;
             };
             store::start(&mut sql, &mut job).await?;
-            let shape = match store::shape(&mut sql, &job, publication).await {
-                Ok(shape) => Arc::new(shape),
-                Err(e) => {
-                    fail(&mut sql, &self.board, &job, &e).await?;
-                    continue;
-                }
-            };
             self.board.log(LogLevel::Info, format!("backfill {} of {} started", job.id, job.table_name));
-            match self.run_job(&mut sql, &mut job, shape, done).await? {
+            match self.run_job(&mut sql, &mut job, publication, done).await? {
                 JobEnd::Done => {
                     store::finish(&mut sql, job.id, "done", None).await?;
                     self.board.log(
@@ -183,15 +188,30 @@ impl Task {
         &mut self,
         sql: &mut Sql,
         job: &mut Job,
-        shape: Arc<Shape>,
+        publication: &str,
         done: &mut mpsc::UnboundedReceiver<ChunkDone>,
     ) -> Result<JobEnd, Error> {
         let mut limit = FIRST_CHUNK;
         let mut backoff = FIRST_BACKOFF;
-        let mut read_again = 0;
+        let (mut read_again, mut transient) = (0, 0);
+        let mut first_key = None;
         loop {
             if store::state(sql, job.id).await? != "running" {
                 return Ok(JobEnd::Cancelled);
+            }
+            // Read per chunk: columns added, dropped or retyped since show in the next one.
+            let shape = match store::shape(sql, job, publication).await {
+                Ok(shape) => Arc::new(shape),
+                Err(e @ Error::Setup(_)) => return Ok(JobEnd::Failed(e)),
+                Err(e) if sqlstate(&e).is_some() && !is_transient(&e) => return Ok(JobEnd::Failed(e)),
+                Err(e) => return Err(e),
+            };
+            let key = shape.key_columns();
+            if *first_key.get_or_insert_with(|| key.clone()) != key {
+                return Ok(JobEnd::Failed(Error::Setup(format!(
+                    "the key of {} changed during the backfill (now {key:?}); start it again",
+                    job.table_name
+                ))));
             }
             self.board.set_backfill(Some(progress_text(job)));
             self.attempts += 1;
@@ -204,35 +224,52 @@ impl Task {
                 // Its window must not stay open, collecting every key the table's writers touch.
                 let _ = self.to_streamer.send(ToStreamer::Abandon(id)).await;
             }
-            match attempt {
-                Ok(Attempt::Emitted { rows, published, took, bytes, last_key }) => {
+            let retry = match attempt {
+                Ok(Attempt::Emitted { published, took, bytes, last_key, done }) => {
                     job.chunks_done += 1;
                     job.rows_done += published as i64;
                     if last_key.is_some() {
                         job.last_key = last_key;
                     }
                     store::progress(sql, job).await?;
-                    if rows == 0 {
+                    if done {
                         return Ok(JobEnd::Done);
                     }
                     limit = next_limit(limit, took, bytes);
                     backoff = FIRST_BACKOFF;
-                    read_again = 0;
-                }
-                Ok(Attempt::ReadAgain) => {
-                    read_again += 1;
-                    if read_again > MAX_READ_AGAIN {
-                        return Ok(JobEnd::Failed(Error::Setup(format!(
-                            "{MAX_READ_AGAIN} chunks in a row saw a change of {} whose key the change stream \
-                             did not carry (the replica identity changed, or an unchanged TOASTed key); \
-                             start the backfill again",
-                            job.table_name
-                        ))));
-                    }
+                    (read_again, transient) = (0, 0);
+                    continue;
                 }
                 Ok(Attempt::Cancelled) => return Ok(JobEnd::Cancelled),
                 Ok(Attempt::StreamerGone) => return Ok(JobEnd::StreamerGone),
-                Err(e) if is_transient(&e) => {
+                Ok(Attempt::ReadAgain) => Retry::ReadAgain(None),
+                // The columns changed between the shape and the read: read both again.
+                Err(e) if matches!(sqlstate(&e).as_deref(), Some("42804" | "42703")) => {
+                    Retry::ReadAgain(Some(e))
+                }
+                Err(e) if is_transient(&e) => Retry::Transient(e),
+                // The table, the clause or the role's privileges no longer read: the job's fault.
+                Err(e) if sqlstate(&e).is_some() => return Ok(JobEnd::Failed(e)),
+                Err(e) => return Err(e),
+            };
+            match retry {
+                Retry::ReadAgain(cause) => {
+                    read_again += 1;
+                    if read_again > MAX_READ_AGAIN {
+                        return Ok(JobEnd::Failed(cause.unwrap_or_else(|| {
+                            Error::Setup(format!(
+                                "{MAX_READ_AGAIN} chunks in a row saw a change of {} whose key the change \
+                                 stream did not carry (an unchanged TOASTed key); start the backfill again",
+                                job.table_name
+                            ))
+                        })));
+                    }
+                }
+                Retry::Transient(e) => {
+                    transient += 1;
+                    if transient > MAX_TRANSIENT {
+                        return Ok(JobEnd::Failed(e));
+                    }
                     // A slow read gets smaller chunks; a lock or a deadlock passes with time.
                     if sqlstate(&e).as_deref() == Some("57014") {
                         limit = (limit / 4).max(MIN_CHUNK);
@@ -254,16 +291,13 @@ impl Task {
                     );
                     tokio::time::sleep(wait).await;
                 }
-                // The table, the clause or the role's privileges no longer read: the job's fault.
-                Err(e) if sqlstate(&e).is_some() => return Ok(JobEnd::Failed(e)),
-                Err(e) => return Err(e),
             }
         }
     }
 
-    /// One attempt at one chunk, after its Watch: the low watermark, the
-    /// wait for writers that may be committing, the read, the high
-    /// watermark, and the streamer's answer.
+    /// One attempt at one chunk, after its Watch: where its key range
+    /// ends, the low watermark, the wait for writers that may be
+    /// committing, the read, the high watermark, and the streamer's answer.
     async fn chunk(
         &mut self,
         sql: &mut Sql,
@@ -273,17 +307,23 @@ impl Task {
         limit: usize,
         done: &mut mpsc::UnboundedReceiver<ChunkDone>,
     ) -> Result<Attempt, Error> {
+        let end = store::range_end(sql, job, shape, limit).await?;
         store::emit(sql, Watermark::Low { id, table: job.table }).await?;
         if !self.wait_for_committing_writers(sql, job).await? {
             return Ok(Attempt::Cancelled);
         }
         let started = Instant::now();
-        let rows = store::read_chunk(sql, job, shape, limit).await?;
+        let Read { rows, cut } = store::read_chunk(sql, job, shape, end.as_deref()).await?;
         let took = started.elapsed();
-        let last_key = rows.last().map(|row| {
-            shape.key.iter().map(|(index, _)| row[*index].clone().unwrap_or_default()).collect::<Vec<_>>()
-        });
-        let (count, bytes) = (rows.len(), rows.iter().flatten().flatten().map(String::len).sum());
+        // Cut at the bytes bound: the range goes on after the last row read.
+        let last_key = match (cut, rows.last()) {
+            (true, Some(row)) => {
+                Some(shape.key.iter().map(|(index, _)| row[*index].clone().unwrap_or_default()).collect())
+            }
+            _ => end.clone(),
+        };
+        let done_after = !cut && end.is_none();
+        let bytes = rows.iter().flatten().flatten().map(String::len).sum();
         if self.to_streamer.send(ToStreamer::Rows(Chunk { id, shape: shape.clone(), rows })).await.is_err() {
             return Ok(Attempt::StreamerGone);
         }
@@ -292,7 +332,7 @@ impl Task {
             None => Attempt::StreamerGone,
             Some(Outcome::ReadAgain) => Attempt::ReadAgain,
             Some(Outcome::Acked { published }) => {
-                Attempt::Emitted { rows: count, published, took, bytes, last_key }
+                Attempt::Emitted { published, took, bytes, last_key, done: done_after }
             }
         })
     }

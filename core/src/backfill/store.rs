@@ -43,6 +43,16 @@ pub struct Shape {
     pub row_filter: Option<String>,
 }
 
+impl Shape {
+    /// The key columns' names and SQL types: a backfill keeps one key.
+    pub fn key_columns(&self) -> Vec<(String, String)> {
+        self.key
+            .iter()
+            .map(|(i, sql_type)| (self.relation.columns[*i].name.clone(), sql_type.clone()))
+            .collect()
+    }
+}
+
 /// The oldest job that is pending or running (one at a time).
 pub async fn next_job(sql: &mut Sql) -> Result<Option<Job>, Error> {
     let rows = sql
@@ -123,7 +133,10 @@ pub async fn emit(sql: &mut Sql, watermark: Watermark) -> Result<(), Error> {
     .await
 }
 
-/// Reads the columns, key and publication settings of the job's table.
+/// Reads the columns, key and publication settings of the job's table:
+/// the columns pgoutput sends (`pg_publication_tables.attnames`, which
+/// follows column lists and, on PostgreSQL 18, published generated
+/// columns), flagged as the key as pgoutput flags them.
 pub async fn shape(sql: &mut Sql, job: &Job, publication: &str) -> Result<Shape, Error> {
     let rows = sql
         .rows(&format!(
@@ -132,19 +145,17 @@ pub async fn shape(sql: &mut Sql, job: &Job, publication: &str) -> Result<Shape,
                   pub AS (SELECT to_jsonb(t) ->> 'attnames' AS attnames, to_jsonb(t) ->> 'rowfilter' AS rowfilter \
                             FROM pg_publication_tables t, rel \
                            WHERE t.pubname = {publication} AND t.schemaname = rel.nspname AND t.tablename = rel.relname), \
-                  ri AS (SELECT i.indkey FROM pg_index i, rel WHERE i.indrelid = rel.oid AND \
-                           (CASE rel.relreplident WHEN 'i' THEN i.indisreplident WHEN 'd' THEN i.indisprimary ELSE false END)), \
-                  chunk_key AS (SELECT wal_listener._chunk_key(rel.oid) AS attnums FROM rel) \
+                  keys AS (SELECT wal_listener._replica_identity_key(rel.oid) AS replica_identity, \
+                                  wal_listener._chunk_key(rel.oid) AS chunk FROM rel) \
              SELECT rel.nspname, rel.relname, rel.relreplident::text, a.attname, a.atttypid, a.atttypmod, \
                     format_type(a.atttypid, a.atttypmod), \
-                    (rel.relreplident = 'f' OR a.attnum = ANY ((SELECT indkey FROM ri)::int2[]))::text, \
-                    array_position((SELECT attnums FROM chunk_key), a.attnum), \
+                    coalesce(rel.relreplident = 'f' OR a.attnum = ANY ((SELECT replica_identity FROM keys)::int2[]), false)::text, \
+                    array_position((SELECT chunk FROM keys), a.attnum), \
                     (SELECT rowfilter FROM pub), (SELECT count(*) FROM pub), \
-                    coalesce(array_length((SELECT attnums FROM chunk_key), 1), 0) \
+                    coalesce(array_length((SELECT chunk FROM keys), 1), 0) \
                FROM rel JOIN pg_attribute a ON a.attrelid = rel.oid \
-              WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
-                AND ((SELECT attnames FROM pub) IS NULL OR a.attname::text IN \
-                     (SELECT jsonb_array_elements_text((SELECT attnames FROM pub)::jsonb))) \
+              WHERE a.attnum > 0 AND NOT a.attisdropped \
+                AND a.attname::text IN (SELECT jsonb_array_elements_text(coalesce((SELECT attnames FROM pub), '[]')::jsonb)) \
               ORDER BY a.attnum",
             table = job.table,
             publication = quote_literal(publication)
@@ -204,47 +215,125 @@ pub async fn shape(sql: &mut Sql, job: &Job, publication: &str) -> Result<Shape,
 /// least one row): rows are fetched in parts and the read stops past it.
 pub const MAX_CHUNK_BYTES: usize = 4 << 20;
 
-/// Reads the next chunk: up to `limit` rows after the job's last key, in
-/// key order and at most [`MAX_CHUNK_BYTES`], each column as its type's
-/// output function writes it (what pgoutput sends for a live row). The
-/// server runs the query as the job's role (`_read_chunk`); no rows means
-/// the table is done.
-pub async fn read_chunk(
+/// A chunk's rows, in key order.
+pub struct Read {
+    pub rows: Vec<Vec<Option<String>>>,
+    /// The read stopped at [`MAX_CHUNK_BYTES`]: rows of the range may follow the last one.
+    pub cut: bool,
+}
+
+/// The key `limit` keys after the job's last one: a chunk reads the range
+/// up to it, so its scan is bounded whatever the clause selects (a clause
+/// that matches nothing no longer reads the rest of the table per chunk).
+/// `None`: fewer keys remain; the chunk reads to the end. Read by the
+/// worker itself, key columns only: no clause, no row security.
+pub async fn range_end(
     sql: &mut Sql,
     job: &Job,
     shape: &Shape,
     limit: usize,
-) -> Result<Vec<Vec<Option<String>>>, Error> {
-    let query = chunk_query(job, shape, limit);
+) -> Result<Option<Vec<String>>, Error> {
+    let names = Names::of(shape);
+    let after = after_last(job, shape, &names).map_or(String::new(), |c| format!("WHERE {c}"));
+    let query = format!(
+        "SELECT {keys} FROM ONLY {table} {after} ORDER BY {keys} OFFSET {} LIMIT 1",
+        limit.max(1) - 1,
+        keys = names.key,
+        table = names.table
+    );
+    Ok(sql
+        .rows(&query)
+        .await?
+        .into_iter()
+        .next()
+        .map(|row| row.into_iter().map(Option::unwrap_or_default).collect()))
+}
+
+/// Reads the next chunk: the rows after the job's last key up to `upto`
+/// (the end of the table when `None`) that the clause and the
+/// publication's row filter select, in key order and at most
+/// [`MAX_CHUNK_BYTES`], each column as its type's output function writes
+/// it (what pgoutput sends for a live row). The server runs the query as
+/// the job's role (`_read_chunk`), with the column types of `shape`.
+pub async fn read_chunk(
+    sql: &mut Sql,
+    job: &Job,
+    shape: &Shape,
+    upto: Option<&[String]>,
+) -> Result<Read, Error> {
+    let query = chunk_query(job, shape, upto);
+    let types = shape.relation.columns.iter().map(|c| c.type_oid.to_string()).collect::<Vec<_>>().join(",");
     let rows = sql
         .rows(&format!(
-            "SELECT wal_listener._read_chunk({}, {}, {MAX_CHUNK_BYTES})",
+            "SELECT wal_listener._read_chunk({}, {}, {MAX_CHUNK_BYTES}, '{{{types}}}')",
             job.run_as,
             quote_literal(&query)
         ))
         .await?;
-    rows.into_iter()
-        .map(|row| {
-            let text = row.into_iter().next().flatten().unwrap_or_default();
-            text_array(&text)
-                .ok_or_else(|| Error::Replication(format!("a chunk row is not a text[]: {text:.80}")))
-        })
-        .collect()
+    let mut read = Read { rows: Vec::with_capacity(rows.len()), cut: false };
+    for row in rows {
+        match row.into_iter().next().flatten() {
+            Some(text) => read.rows.push(
+                text_array(&text)
+                    .ok_or_else(|| Error::Replication(format!("a chunk row is not a text[]: {text:.80}")))?,
+            ),
+            None => read.cut = true,
+        }
+    }
+    Ok(read)
+}
+
+/// The table and key columns as a chunk's queries name them: qualified
+/// (the server reads with `search_path = pg_catalog, pg_temp`), columns
+/// with the table, since an unqualified ORDER BY name would sort by an
+/// output column of that name. No alias, so the clause reads as it was
+/// checked (`FROM ONLY table WHERE (...)`).
+struct Names {
+    table: String,
+    /// `"s"."t"."k1", "s"."t"."k2"`
+    key: String,
+}
+
+impl Names {
+    fn of(shape: &Shape) -> Self {
+        let table =
+            format!("{}.{}", quote_ident(&shape.relation.namespace), quote_ident(&shape.relation.name));
+        let key = shape
+            .key
+            .iter()
+            .map(|(i, _)| format!("{table}.{}", quote_ident(&shape.relation.columns[*i].name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Names { table, key }
+    }
+
+    fn column(&self, name: &str) -> String {
+        format!("{}.{}", self.table, quote_ident(name))
+    }
+}
+
+/// `(key) <op> (values)`, each value cast to its key column's type.
+fn key_condition(shape: &Shape, names: &Names, op: &str, values: &[String]) -> String {
+    let values = shape
+        .key
+        .iter()
+        .zip(values)
+        .map(|((_, sql_type), value)| format!("{}::{sql_type}", quote_literal(value)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("({}) {op} ({values})", names.key)
+}
+
+fn after_last(job: &Job, shape: &Shape, names: &Names) -> Option<String> {
+    job.last_key.as_ref().map(|last| key_condition(shape, names, ">", last))
 }
 
 /// The one shape of a chunk's query. The clause is the server's re-print
 /// of an analysed expression and sits in parentheses of its own, so it
-/// cannot reach the key condition. Names are qualified: the server reads
-/// with `search_path = pg_catalog, pg_temp`, as the clause was checked.
-fn chunk_query(job: &Job, shape: &Shape, limit: usize) -> String {
-    let columns = &shape.relation.columns;
-    // Columns qualified with the table: an unqualified ORDER BY name would
-    // sort by an output column of that name. No alias, so that the clause
-    // reads as it was checked (`FROM ONLY table WHERE (...)`).
-    let table = format!("{}.{}", quote_ident(&shape.relation.namespace), quote_ident(&shape.relation.name));
-    let column = |name: &str| format!("{table}.{}", quote_ident(name));
-    let select = columns.iter().map(|c| column(&c.name)).collect::<Vec<_>>().join(", ");
-    let key_names = shape.key.iter().map(|(i, _)| column(&columns[*i].name)).collect::<Vec<_>>().join(", ");
+/// cannot reach the key conditions.
+fn chunk_query(job: &Job, shape: &Shape, upto: Option<&[String]>) -> String {
+    let names = Names::of(shape);
+    let select = shape.relation.columns.iter().map(|c| names.column(&c.name)).collect::<Vec<_>>().join(", ");
     let mut conditions = Vec::new();
     if let Some(clause) = &job.where_clause {
         conditions.push(format!("({clause})"));
@@ -252,19 +341,13 @@ fn chunk_query(job: &Job, shape: &Shape, limit: usize) -> String {
     if let Some(filter) = &shape.row_filter {
         conditions.push(format!("({filter})"));
     }
-    if let Some(last) = &job.last_key {
-        let values = shape
-            .key
-            .iter()
-            .zip(last)
-            .map(|((_, sql_type), value)| format!("{}::{sql_type}", quote_literal(value)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        conditions.push(format!("({key_names}) > ({values})"));
+    conditions.extend(after_last(job, shape, &names));
+    if let Some(end) = upto {
+        conditions.push(key_condition(shape, &names, "<=", end));
     }
     let filter =
         if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
-    format!("SELECT {select} FROM ONLY {table} {filter} ORDER BY {key_names} LIMIT {limit}")
+    format!("SELECT {select} FROM ONLY {} {filter} ORDER BY {}", names.table, names.key)
 }
 
 /// A transaction that writes the chunk's table and may be committing.
@@ -276,8 +359,10 @@ pub struct Writer {
 }
 
 /// Transactions holding a write lock on `table` that may be committing:
-/// every one that has an xid, but those whose session sits idle inside
-/// the transaction (it cannot be committing; it may idle for hours).
+/// every one that has an xid (a subtransaction's too), but those whose
+/// session sits idle inside its transaction: COMMIT makes a session
+/// active before its commit record is written, so an idle one is not
+/// committing (and may idle for hours).
 /// A commit is written to the WAL (and decoded) before the transaction
 /// becomes visible, and its locks are released only after that: asked
 /// after a low watermark, this lists every writer whose commit may precede
@@ -296,7 +381,7 @@ pub async fn committing_writers(sql: &mut Sql, table: u32) -> Result<Vec<Writer>
               WHERE r.locktype = 'relation' AND r.relation = {table} AND r.granted \
                 AND r.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()) \
                 AND r.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock') \
-                AND NOT (a.state LIKE 'idle in transaction%' AND a.backend_xid IS NOT DISTINCT FROM x.transactionid) \
+                AND (a.state IS NULL OR a.state NOT LIKE 'idle in transaction%') \
               ORDER BY 1"
         ))
         .await?;
@@ -365,21 +450,23 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_query_selects_raw_columns_after_the_last_key_in_key_order() {
+    fn a_chunk_query_selects_raw_columns_of_its_key_range_in_key_order() {
         let t = r#""app"."or""ders""#;
         assert_eq!(
-            chunk_query(&job(None, None), &shape(), 100),
+            chunk_query(&job(None, None), &shape(), None),
             format!(
                 "SELECT {t}.\"id\", {t}.\"region\", {t}.\"total\" FROM ONLY {t} WHERE ((total > 0)) \
-                 ORDER BY {t}.\"region\", {t}.\"id\" LIMIT 100"
+                 ORDER BY {t}.\"region\", {t}.\"id\""
             )
         );
+        let end = ["us".to_owned(), "9".to_owned()];
         assert_eq!(
-            chunk_query(&job(Some("(id > 0) OR (id < 0)"), Some(vec!["eu's", "7"])), &shape(), 5),
+            chunk_query(&job(Some("(id > 0) OR (id < 0)"), Some(vec!["eu's", "7"])), &shape(), Some(&end)),
             format!(
                 "SELECT {t}.\"id\", {t}.\"region\", {t}.\"total\" FROM ONLY {t} WHERE ((id > 0) OR (id < 0)) \
                  AND ((total > 0)) AND ({t}.\"region\", {t}.\"id\") > ('eu''s'::text, '7'::integer) \
-                 ORDER BY {t}.\"region\", {t}.\"id\" LIMIT 5"
+                 AND ({t}.\"region\", {t}.\"id\") <= ('us'::text, '9'::integer) \
+                 ORDER BY {t}.\"region\", {t}.\"id\""
             )
         );
     }

@@ -173,7 +173,7 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
             // Backfills run beside the streamer, and end with this session.
             let (backfill, _backfill_task) = if cfg.source.require_extension {
                 // A few attempts' messages: the streamer takes them at every
-                // change while a window is open and at every watermark.
+                // change, watermark and keepalive.
                 let (to_streamer, from_task) = mpsc::channel(64);
                 let (done_tx, done_rx) = mpsc::unbounded_channel();
                 let run = session_token();
@@ -213,14 +213,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A number that differs between sessions (nanoseconds of the clock and the
-/// process), naming this session's backfill watermarks.
+/// A random number per session (63 bits, from the OS): it names the
+/// session's backfill watermarks, which any role may imitate with
+/// `pg_logical_emit_message` unless it cannot guess them, and it is part of
+/// atomic batch ids.
 fn session_token() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    (nanos ^ (u64::from(std::process::id()) << 40)) & (i64::MAX as u64)
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // No OS randomness: still differs between sessions.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        bytes = (nanos ^ (u64::from(std::process::id()) << 40)).to_le_bytes();
+    }
+    u64::from_le_bytes(bytes) & (i64::MAX as u64)
 }
 
 /// Marks the slot as held by a session for as long as it lives (heartbeats

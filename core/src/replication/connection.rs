@@ -10,15 +10,39 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig};
 use crate::config::SourceConfig;
 use crate::Error;
 
-/// Every session pins what shapes pgoutput's text values (DESIGN.md
-/// section 3), never waits for a synchronous standby (the worker's own
-/// walsender may be one, and would wait for itself), and never waits long
-/// for a lock or a statement.
-const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 \
-     -c TimeZone=UTC -c client_encoding=UTF8 -c bytea_output=hex -c lc_monetary=C \
-     -c standard_conforming_strings=on -c synchronous_commit=local -c lock_timeout=5s \
-     -c statement_timeout=30s";
+/// The settings that shape a value's text (DESIGN.md section 3): pinned in
+/// every session, so events never depend on server defaults, and wherever
+/// the server writes a value as text that the worker reads back.
+pub const TEXT_SETTINGS: [(&str, &str); 7] = [
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("TimeZone", "UTC"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+    ("standard_conforming_strings", "on"),
+];
+
+/// Besides those: UTF-8 on the wire; never waiting for a synchronous
+/// standby (the worker's own walsender may be one, and would wait for
+/// itself), nor long for a lock or a statement.
+const SESSION_SETTINGS: [(&str, &str); 4] = [
+    ("client_encoding", "UTF8"),
+    ("synchronous_commit", "local"),
+    ("lock_timeout", "5s"),
+    ("statement_timeout", "30s"),
+];
 pub const LOCK_TIMEOUT: &str = "5 s";
+
+/// The startup options of every session: `-c name=value` for each setting.
+fn session_options() -> String {
+    TEXT_SETTINGS
+        .iter()
+        .chain(&SESSION_SETTINGS)
+        .map(|(name, value)| format!("-c {name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// A query on a side session fails after this long even if the server
 /// never answers (statement_timeout covers a server that does).
@@ -66,7 +90,7 @@ impl Sql {
             cfg.slot.clone(),
             publications,
         )
-        .with_options(SESSION_OPTIONS)
+        .with_options(session_options())
         .with_application_name(name)
         .with_status_interval(STATUS_INTERVAL)
         .with_wakeup_interval(IDLE_WAKEUP_INTERVAL)
@@ -146,12 +170,16 @@ pub fn is_missing_database(e: &Error) -> bool {
 }
 
 /// Whether a statement that failed with `e` may succeed when run again
-/// unchanged: a lock or statement timeout, a serialization failure or
-/// deadlock, a shortage of memory, disk or connections, an I/O error, an
-/// administrator's cancel. Every other server error (syntax, permissions,
-/// a missing object, bad data) fails again the same way.
+/// unchanged: a serialization failure or deadlock, a shortage of memory,
+/// disk or connections, a lost connection, a lock held past lock_timeout,
+/// an object in use, a statement timeout or an administrator's cancel, an
+/// I/O error. Every other server error (syntax, permissions, a missing
+/// object, bad data, an error a function raises) fails again the same way.
 pub fn is_transient(e: &Error) -> bool {
-    sqlstate(e).is_some_and(|code| matches!(&code[..2], "40" | "53" | "55" | "57" | "58" | "08"))
+    sqlstate(e).is_some_and(|code| {
+        matches!(&code[..2], "40" | "53" | "08")
+            || matches!(code.as_str(), "55P03" | "55006" | "57014" | "57P01" | "57P02" | "57P03" | "58030")
+    })
 }
 
 fn connect_error(cfg: &SourceConfig, e: PgWireError) -> Error {
@@ -206,7 +234,7 @@ mod tests {
         for code in ["57014", "40001", "40P01", "53200", "58030", "08006"] {
             assert!(is_transient(&server(&format!("x (SQLSTATE {code})"))), "{code}");
         }
-        for code in ["42501", "42P01", "22012", "P0001", "XX000", "0A000"] {
+        for code in ["42501", "42P01", "22012", "P0001", "XX000", "0A000", "55000", "57P04", "58P01"] {
             assert!(!is_transient(&server(&format!("x (SQLSTATE {code})"))), "{code}");
         }
         // A clause may quote "SQLSTATE": only the server's own suffix counts.
@@ -217,9 +245,13 @@ mod tests {
 
     #[test]
     fn sessions_never_wait_for_a_synchronous_standby_or_a_lock_for_long() {
-        for pinned in ["synchronous_commit=local", "lock_timeout=5s", "statement_timeout=", "lc_monetary=C"] {
-            assert!(SESSION_OPTIONS.contains(pinned), "{pinned}");
+        let options = session_options();
+        for pinned in
+            ["-c synchronous_commit=local", "-c lock_timeout=5s", "-c statement_timeout=", "-c lc_monetary=C"]
+        {
+            assert!(options.contains(pinned), "{pinned}");
         }
-        assert!(SESSION_OPTIONS.contains(&format!("lock_timeout={}", LOCK_TIMEOUT.replace(' ', ""))));
+        assert!(options.contains(&format!("lock_timeout={}", LOCK_TIMEOUT.replace(' ', ""))));
+        assert!(options.starts_with("-c DateStyle=ISO -c IntervalStyle=postgres"));
     }
 }

@@ -46,7 +46,7 @@ impl BackfillState {
     }
 
     /// Takes what the task sent; an abandoned attempt's messages and window go.
-    fn drain(&mut self) {
+    pub(super) fn drain(&mut self) {
         while let Ok(message) = self.link.from_task.try_recv() {
             match message {
                 ToStreamer::Abandon(id) => {
@@ -64,12 +64,12 @@ impl BackfillState {
     }
 
     /// Records the key a change of the watched table touches.
-    pub(super) fn note_change(
+    pub(super) fn note_change<'a>(
         &mut self,
         relation: &Relation,
         action: Action,
-        new: Option<&TupleData<'_>>,
-        old: Option<&OldTuple<'_>>,
+        new: Option<&TupleData<'a>>,
+        old: Option<&OldTuple<'a>>,
     ) {
         self.drain();
         let Some((window, shape)) = self.window.as_mut() else { return };
@@ -88,23 +88,31 @@ impl BackfillState {
                 relation.columns.iter().position(|c| &c.name == name)
             })
             .collect();
+        // A key column the stream does not describe: the key is unknown.
+        let Some(positions) = positions else {
+            window.key_unknown(relation.id);
+            return;
+        };
         let old = match old {
-            Some(OldTuple::Key(row) | OldTuple::Full(row)) => Some(row),
+            Some(OldTuple::Key(row) | OldTuple::Full(row)) => Some(key_values(row, &positions)),
             None => None,
         };
-        for row in [new, old].into_iter().flatten() {
-            // A key column the stream does not describe, or a value it did
-            // not send (an unchanged TOASTed key): the key is unknown.
-            let key: Option<Vec<&[u8]>> = positions.as_ref().and_then(|positions| {
-                positions
-                    .iter()
-                    .map(|&i| match row.values.get(i) {
-                        Some(Value::Text(bytes) | Value::Binary(bytes)) => Some(*bytes),
-                        _ => None,
-                    })
-                    .collect()
-            });
-            match key {
+        let mut keys = Vec::with_capacity(2);
+        if let Some(new) = new {
+            // An UPDATE that leaves a TOASTed key as it was sends it as
+            // unchanged; Postgres then logs the old key, which is the same.
+            let mut key = key_values(new, &positions);
+            for (value, old_value) in key.iter_mut().zip(old.iter().flatten()) {
+                if value.is_none() {
+                    *value = *old_value;
+                }
+            }
+            keys.push(key);
+        }
+        keys.extend(old);
+        for key in keys {
+            // A value the stream did not send: the key is unknown.
+            match key.into_iter().collect::<Option<Vec<&[u8]>>>() {
                 Some(key) => window.changed(relation.id, key_of(key.into_iter().map(Some))),
                 None => window.key_unknown(relation.id),
             }
@@ -134,15 +142,42 @@ impl BackfillState {
         }
     }
 
-    /// A high watermark of this session: closes the window (whichever is
-    /// open) and returns it with the rows read inside it, if it was this one's.
-    fn high(&mut self, id: ChunkId) -> Option<(Window, Arc<Shape>, Chunk)> {
-        let (window, shape) = self.window.take().filter(|(window, _)| window.id == id)?;
-        match self.take(id, true)? {
-            ToStreamer::Rows(chunk) => Some((window, shape, chunk)),
+    /// A high watermark of this session: closes its window and returns it
+    /// with the rows read inside it. Another attempt's window stays open (a
+    /// high watermark written late, after the next low one, must not close
+    /// it).
+    fn high(&mut self, id: ChunkId) -> High {
+        let rows = match self.take(id, true) {
+            Some(ToStreamer::Rows(chunk)) => Some(chunk),
             _ => None,
+        };
+        match (self.window.take_if(|(window, _)| window.id == id), rows) {
+            (Some((window, shape)), Some(chunk)) => High::Emit(window, shape, chunk),
+            (_, Some(_)) => High::Lost,
+            _ => High::Nothing,
         }
     }
+}
+
+/// The values of a row's key columns (at `positions`); `None` where the
+/// row has no text for one (NULL, or an unchanged TOASTed value).
+fn key_values<'a>(row: &TupleData<'a>, positions: &[usize]) -> Vec<Option<&'a [u8]>> {
+    positions
+        .iter()
+        .map(|&i| match row.values.get(i) {
+            Some(Value::Text(bytes) | Value::Binary(bytes)) => Some(*bytes),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a high watermark does.
+enum High {
+    Emit(Window, Arc<Shape>, Chunk),
+    /// Rows without their window: the task waits; it reads the chunk again.
+    Lost,
+    /// An abandoned attempt's, or not ours.
+    Nothing,
 }
 
 impl Streamer {
@@ -155,12 +190,14 @@ impl Streamer {
                 Ok(())
             }
             Some(Watermark::High { id }) if id.run == state.link.run => match state.high(id) {
-                Some((window, ..)) if window.verdict() == Verdict::ReadAgain => {
+                High::Emit(window, shape, chunk) if window.verdict() != Verdict::ReadAgain => {
+                    self.emit_chunk(&window, &shape, chunk, lsn).await
+                }
+                High::Emit(..) | High::Lost => {
                     let _ = state.link.done.send(ChunkDone { id, outcome: Outcome::ReadAgain });
                     Ok(())
                 }
-                Some((window, shape, chunk)) => self.emit_chunk(&window, &shape, chunk, lsn).await,
-                None => Ok(()),
+                High::Nothing => Ok(()),
             },
             _ => Ok(()), // an earlier session's, or not ours
         }
@@ -274,7 +311,8 @@ mod tests {
     const TABLE: u32 = 100;
 
     fn shape() -> Arc<Shape> {
-        let column = |name: &str| Column { name: name.into(), type_oid: 25, type_modifier: -1, is_key: false };
+        let column =
+            |name: &str| Column { name: name.into(), type_oid: 25, type_modifier: -1, is_key: false };
         Arc::new(Shape {
             relation: Relation {
                 id: TABLE,
@@ -315,7 +353,7 @@ mod tests {
         state.low(id(1), TABLE);
         delete(&mut state, Some(b"a"));
         task.try_send(rows(id(1))).unwrap();
-        let (window, _, chunk) = state.high(id(1)).expect("the chunk");
+        let High::Emit(window, _, chunk) = state.high(id(1)) else { panic!("the chunk") };
         assert_eq!(chunk.rows.len(), 1);
         assert!(!window.keeps(&key_of([Some(&b"a"[..])])));
         assert!(window.keeps(&key_of([Some(&b"b"[..])])));
@@ -349,17 +387,47 @@ mod tests {
         state.low(id(1), TABLE);
         delete(&mut state, None); // an unchanged TOASTed key
         task.try_send(rows(id(1))).unwrap();
-        let (window, ..) = state.high(id(1)).expect("the chunk");
+        let High::Emit(window, ..) = state.high(id(1)) else { panic!("the chunk") };
         assert_eq!(window.verdict(), Verdict::ReadAgain);
     }
 
     #[test]
-    fn a_high_watermark_of_another_attempt_emits_nothing() {
+    fn a_late_high_watermark_of_an_abandoned_attempt_leaves_the_next_window_open() {
         let (mut state, task, _) = state();
         task.try_send(ToStreamer::Watch { id: id(1), shape: shape() }).unwrap();
         state.low(id(1), TABLE);
         task.try_send(rows(id(1))).unwrap();
-        assert!(state.high(id(2)).is_none());
-        assert!(state.window.is_none());
+        // Writing the high watermark timed out on our side: abandoned, the next attempt starts...
+        task.try_send(ToStreamer::Abandon(id(1))).unwrap();
+        task.try_send(ToStreamer::Watch { id: id(2), shape: shape() }).unwrap();
+        state.low(id(2), TABLE);
+        // ...and the server wrote it after all, after the next low watermark.
+        assert!(matches!(state.high(id(1)), High::Nothing));
+        assert_eq!(state.window.as_ref().map(|(w, _)| w.id), Some(id(2)));
+        delete(&mut state, Some(b"a"));
+        task.try_send(rows(id(2))).unwrap();
+        let High::Emit(window, ..) = state.high(id(2)) else { panic!("the chunk") };
+        assert!(!window.keeps(&key_of([Some(&b"a"[..])])));
+    }
+
+    #[test]
+    fn rows_without_their_window_are_answered_so_the_task_never_hangs() {
+        let (mut state, task, _) = state();
+        task.try_send(rows(id(1))).unwrap();
+        assert!(matches!(state.high(id(1)), High::Lost));
+    }
+
+    #[test]
+    fn an_update_with_an_unchanged_toasted_key_takes_the_logged_old_key() {
+        let (mut state, task, _) = state();
+        task.try_send(ToStreamer::Watch { id: id(1), shape: shape() }).unwrap();
+        state.low(id(1), TABLE);
+        let new = TupleData { values: vec![Value::Text(b"1"), Value::UnchangedToast] };
+        let old = TupleData { values: vec![Value::Null, Value::Text(b"a")] };
+        state.note_change(&shape().relation, Action::Update, Some(&new), Some(&OldTuple::Key(old)));
+        task.try_send(rows(id(1))).unwrap();
+        let High::Emit(window, ..) = state.high(id(1)) else { panic!("the chunk") };
+        assert_eq!(window.verdict(), Verdict::Emit);
+        assert!(!window.keeps(&key_of([Some(&b"a"[..])])));
     }
 }

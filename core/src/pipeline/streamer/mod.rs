@@ -359,6 +359,10 @@ impl Streamer {
                 if let Some(lsn) = self.tracker.keepalive(wal_end.into()) {
                     self.confirm(lsn);
                 }
+                // A quiet database still takes the backfill task's messages.
+                if let Some(backfill) = self.backfill.as_mut() {
+                    backfill.drain();
+                }
                 Ok(())
             }
             ReplicationEvent::Message { transactional: true, prefix, content, .. }
