@@ -102,8 +102,12 @@ def test_a_commit_not_yet_visible_at_the_low_watermark_is_not_overwritten_by_a_s
             backfill = conn.execute("SELECT wal_listener.backfill('t') AS id").fetchone()["id"]
         time.sleep(3)
         before_cancel = job(cluster, backfill)
+        progress = cluster.status()["backfill"] or ""
         print(f"\nbackfill {backfill} while the UPDATE's commit waits: state {before_cancel['state']}, "
-              f"rows_done {before_cancel['rows_done']}")
+              f"rows_done {before_cancel['rows_done']}, status {progress!r}")
+        # Waiting for that transaction, not done with a stale read.
+        assert (before_cancel["state"], before_cancel["rows_done"]) == ("running", 0), before_cancel
+        assert "may be committing" in progress and "SyncRep" in progress, progress
     finally:
         cluster.execute("SELECT pg_cancel_backend(%s)", (updater_pid,))
         thread.join(20)
@@ -431,3 +435,93 @@ def test_a_table_of_huge_rows_backfills_in_bounded_memory(big_cluster, big_paylo
     over = [line for pid, p in memory.peaks.items() if p["vm_kib"] > RSS_LIMIT_MIB * 1024
             for line in [f"{p['role']} {pid}: {p['vm_kib'] / 1024:.0f} MiB"]]
     assert not over, f"peak RSS over {RSS_LIMIT_MIB} MiB: {over}"
+
+
+# ---------------------------------------------------------------------------
+# 5. Which writers the chunk waits for.
+
+
+@pytest.fixture
+def two_phase(make_cluster):
+    cluster = make_cluster(server_settings={"max_prepared_transactions": 4})
+    cluster.execute("CREATE EXTENSION wal_listener")
+    cluster.wait_for_state("streaming", timeout=60)
+    return cluster
+
+
+def test_writers_idle_in_their_transaction_are_not_waited_for_and_prepared_ones_are(two_phase, nats_server):
+    """A session that wrote the table and sits idle in its transaction (also
+    inside a savepoint, whose subtransaction has an xid of its own) cannot be
+    committing: the backfill goes on. A prepared transaction may be
+    committed any moment: the backfill waits for it, says so, and goes on
+    once it is rolled back."""
+    cluster = two_phase
+    cluster.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    cluster.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 100) g")
+    idle = cluster.connect()
+    idle.execute("BEGIN")
+    idle.execute("UPDATE t SET v = 'idle' WHERE id = 1")
+    idle.execute("SAVEPOINT s")
+    idle.execute("UPDATE t SET v = 'in savepoint' WHERE id = 2")
+    try:
+        first = cluster.execute("SELECT wal_listener.backfill('t') AS id")[0]["id"]
+        assert wait_done(cluster, first, timeout=30)["rows_done"] == 100
+
+        with cluster.connect() as prepared:
+            prepared.execute("BEGIN")
+            prepared.execute("UPDATE t SET v = 'prepared' WHERE id = 3")
+            prepared.execute("PREPARE TRANSACTION 'p1'")
+        second = cluster.execute("SELECT wal_listener.backfill('t') AS id")[0]["id"]
+        wait_until(lambda: "prepared transaction 'p1'" in (cluster.status()["backfill"] or ""), 30,
+                   "the backfill to name the prepared transaction it waits for")
+        assert job(cluster, second)["rows_done"] == 0
+        cluster.execute("ROLLBACK PREPARED 'p1'")
+        assert wait_done(cluster, second, timeout=30)["rows_done"] == 100
+    finally:
+        idle.execute("ROLLBACK")
+        idle.close()
+        for row in cluster.execute("SELECT gid FROM pg_prepared_xacts"):
+            cluster.execute(f"ROLLBACK PREPARED '{row['gid']}'")
+
+
+# ---------------------------------------------------------------------------
+# 6. A slow, selective clause; columns changed under a backfill.
+
+
+def test_a_slow_clause_that_selects_few_rows_finishes_though_one_scan_would_time_out(streaming, nats_server):
+    """35,000 rows at about a millisecond each through the clause are 35 s,
+    past the worker's 30 s statement_timeout: chunks are key ranges, so no
+    read scans more than a chunk's keys, however few rows the clause picks."""
+    cluster = streaming
+    cluster.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    cluster.execute("INSERT INTO t SELECT generate_series(1, 35000)")
+    create_slow_clause(cluster)
+    started = time.monotonic()
+    backfill = cluster.execute(
+        "SELECT wal_listener.backfill('t', where_clause => 'public.slow_true(id) AND id > 34990') AS id")[0]["id"]
+    finished = wait_finished(cluster, backfill, timeout=150)
+    print(f"\n{finished['state']} after {time.monotonic() - started:.1f} s: {finished['rows_done']} rows, "
+          f"last_error {finished['last_error']}")
+    assert (finished["state"], finished["rows_done"]) == ("done", 10), finished
+    reads = sorted(b["data"]["id"] for b in event_bodies(nats_server.url) if b["action"] == "READ")
+    assert reads == list(range(34991, 35001))
+
+
+def test_a_column_retyped_during_a_backfill_is_read_with_its_new_type(streaming, nats_server):
+    """ALTER COLUMN ... TYPE between two chunks: every later READ carries the
+    new type's JSON form (here a string), never the old kind's (a number
+    written without quotes, which is not JSON)."""
+    cluster = streaming
+    cluster.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    cluster.execute("INSERT INTO t SELECT g, g FROM generate_series(1, 6000) g")
+    create_slow_clause(cluster)
+    backfill = cluster.execute("SELECT wal_listener.backfill('t', where_clause => 'public.slow_true(id)') AS id")[0]["id"]
+    wait_until(lambda: job(cluster, backfill)["rows_done"] > 0, 60, "a first chunk")
+    cluster.execute("ALTER TABLE t ALTER COLUMN v TYPE text USING 'x' || v")
+    finished = wait_finished(cluster, backfill, timeout=120)
+    assert (finished["state"], finished["rows_done"]) == ("done", 6000), finished
+    reads = [b["data"] for b in event_bodies(nats_server.url) if b["action"] == "READ"]  # each body parsed as JSON
+    assert len(reads) == 6000
+    retyped = [r for r in reads if isinstance(r["v"], str)]
+    assert retyped and all(r["v"] == f"x{r['id']}" for r in retyped), retyped[:3]
+    assert all(r["v"] == r["id"] for r in reads if not isinstance(r["v"], str))

@@ -347,3 +347,24 @@ def test_keys_whose_cast_differs_from_their_output_match_inside_the_window(clust
                             f"(key, READ val, val then: e.g. {stale[:3]})")
     print(f"backfills took {took:.1f} s under {writer.operations} concurrent writes")
     assert not problems, "\n".join(problems)
+
+
+def test_a_where_clause_means_the_same_whatever_the_callers_settings(streaming, nats_server):
+    """The stored condition is the server's re-print of the clause, with its
+    constants written as the worker reads them back: under the caller's
+    DateStyle 'SQL, DMY' '01/02/2025' is 1 February, and under
+    extra_float_digits 0 a float8 constant would print rounded."""
+    cluster = streaming
+    cluster.execute("CREATE TABLE d (id int PRIMARY KEY, day date, x float8)")
+    cluster.execute("INSERT INTO d VALUES (1, '2025-01-02', 0.3), (2, '2025-02-01', 0.30000000000000004)")
+    with cluster.connect() as conn:
+        conn.execute("SET DateStyle = 'SQL, DMY'")
+        conn.execute("SET extra_float_digits = 0")
+        backfill = conn.execute(
+            "SELECT wal_listener.backfill('d', where_clause => "
+            "'day = ''01/02/2025'' AND x = ''0.30000000000000004''::float8') AS id").fetchone()["id"]
+    stored = cluster.execute("SELECT where_clause FROM wal_listener.backfill_jobs WHERE id = %s", (backfill,))
+    print(f"\nstored condition: {stored[0]['where_clause']}")
+    assert wait_done(cluster, backfill)["rows_done"] == 1
+    reads = [b["data"] for b in event_bodies(nats_server.url) if b["action"] == "READ"]
+    assert reads == [{"id": 2, "day": "2025-02-01", "x": 0.30000000000000004}], reads
