@@ -359,6 +359,29 @@ def inserted_numbers(url: str, stream: str = "wal_listener") -> list[int]:
     return asyncio.run(_each_stored(url, stream, lambda msg: int(_NUMBER.search(msg.data).group(1))))
 
 
+class Writer(threading.Thread):
+    """Runs `step(conn)` on an autocommit connection to database `app`
+    until stopped, reconnecting across server restarts; subclasses write."""
+
+    def __init__(self, cluster):
+        super().__init__(daemon=True)
+        self.cluster = cluster
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.is_set():
+            try:
+                with psycopg.connect(host=str(self.cluster.dir), port=self.cluster.port, user="postgres",
+                                     dbname="app", autocommit=True) as conn:
+                    while not self.stopped.is_set():
+                        self.step(conn)
+            except (psycopg.Error, OSError):
+                time.sleep(0.2)
+
+    def step(self, conn):
+        raise NotImplementedError
+
+
 class PeakMemory(threading.Thread):
     """Samples a process's anonymous RSS (its own heap, not shared memory)
     until stopped; `peak_mib` is the highest sample."""

@@ -4,13 +4,12 @@ live stream (DBLog watermarks), resumable, with bad input refused."""
 import os
 import random
 import signal
-import threading
 import time
 
 import psycopg
 import pytest
 
-from harness import event_bodies, read_stream, stream_count, wait_for_count, wait_until
+from harness import Writer, event_bodies, read_stream, stream_count, wait_for_count, wait_until
 
 
 def jobs(cluster) -> list[dict]:
@@ -111,27 +110,16 @@ def test_a_second_backfill_of_the_same_table_waits_for_the_first(streaming, nats
     wait_done(streaming, second)
 
 
-class RandomWriter(threading.Thread):
+class RandomWriter(Writer):
     """Inserts, updates keys and other columns of, and deletes random rows
     of `src` (id int PRIMARY KEY, val int), one statement per transaction,
     until stopped; rides out server restarts."""
 
     def __init__(self, cluster, first_new_id: int):
-        super().__init__(daemon=True)
-        self.cluster, self.next_id = cluster, first_new_id
-        self.stopped = threading.Event()
+        super().__init__(cluster)
+        self.next_id = first_new_id
         self.operations = 0
         self.rng = random.Random(7)
-
-    def run(self):
-        while not self.stopped.is_set():
-            try:
-                with psycopg.connect(host=str(self.cluster.dir), port=self.cluster.port, user="postgres",
-                                     dbname="app", autocommit=True) as conn:
-                    while not self.stopped.is_set():
-                        self.step(conn)
-            except (psycopg.Error, OSError):
-                time.sleep(0.2)
 
     def step(self, conn):
         time.sleep(0.0005)  # a busy table, not a benchmark of the writer

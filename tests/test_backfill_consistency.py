@@ -19,7 +19,7 @@ import pytest
 from nats.js.api import DiscardPolicy, StorageType
 
 from conftest import PG_VERSION, _failed
-from harness import Nats, Postgres, event_bodies, wait_until
+from harness import Nats, Postgres, Writer, event_bodies, wait_until
 
 
 def wait_finished(cluster, backfill_id: int, timeout: float = 300) -> dict:
@@ -132,28 +132,17 @@ def test_a_commit_not_yet_visible_at_the_low_watermark_is_not_overwritten_by_a_s
 # 2. A replica identity other than the primary key.
 
 
-class CodeWriter(threading.Thread):
+class CodeWriter(Writer):
     """Deletes random rows (by id), changes `code` (the replica identity) of
     random rows, updates `val` and inserts rows of `t (id, code, val)`, one
     statement per transaction, until stopped."""
 
     def __init__(self, cluster, first_new_id: int):
-        super().__init__(daemon=True)
-        self.cluster, self.next_id = cluster, first_new_id
+        super().__init__(cluster)
+        self.next_id = first_new_id
         self.next_code = 1
-        self.stopped = threading.Event()
         self.counts = collections.Counter()
         self.rng = random.Random(11)
-
-    def run(self):
-        while not self.stopped.is_set():
-            try:
-                with psycopg.connect(host=str(self.cluster.dir), port=self.cluster.port, user="postgres",
-                                     dbname="app", autocommit=True) as conn:
-                    while not self.stopped.is_set():
-                        self.step(conn)
-            except (psycopg.Error, OSError):
-                time.sleep(0.2)
 
     def step(self, conn):
         time.sleep(0.0005)
