@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import nats
+import psycopg
 import pytest
 
 import nats_security
@@ -169,3 +170,22 @@ def test_credentials_in_nats_url_are_never_logged_or_shown(make_cluster):
     finally:
         server.destroy()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_secrets_are_in_no_settings_view_for_a_plain_role_or_a_monitor(make_cluster, nats_server):
+    """pg_settings' reset_val and boot_val bypass the show hook: a plain role
+    read nats_url's password there, a pg_monitor member nats_token too."""
+    password, token = "url-pass-7f3a", "tok-9c2e"
+    cluster = make_cluster(nats_url=f"'nats://wal:{password}@127.0.0.1:{nats_server.port}'",
+                           nats_token=f"'{token}'", nats_password="'pw-5b1d'")
+    cluster.execute("CREATE ROLE plain LOGIN; CREATE ROLE monitor LOGIN IN ROLE pg_monitor")
+    for role in ("plain", "monitor", "postgres"):
+        with psycopg.connect(host=str(cluster.dir), port=cluster.port, user=role, dbname="app",
+                             autocommit=True) as conn:
+            rows = conn.execute("SELECT * FROM pg_settings WHERE name LIKE 'wal_listener.%'").fetchall()
+            shown = conn.execute("SHOW ALL").fetchall()
+            url = conn.execute("SELECT current_setting('wal_listener.nats_url')").fetchone()[0]
+        text = f"{rows} {shown} {url}"
+        for secret in (password, token, "pw-5b1d"):
+            assert secret not in text, f"{role} reads {secret!r}: {text[:300]}"
+        assert url == f"nats://wal:****@127.0.0.1:{nats_server.port}", url

@@ -140,10 +140,36 @@ def test_secret_settings_never_show_their_value(db, guc):
     assert f'to examine "{guc}"' in error_of(db, f"SHOW {guc}", user="plain")
     with psycopg.connect(host=str(db.dir), port=db.port, user="plain", dbname="app") as conn:
         assert conn.execute("SELECT setting FROM pg_settings WHERE name = %s", (guc,)).fetchall() == []
-    # Superusers and pg_read_all_settings members (pg_monitor) see only that it is set.
+    # Superusers and pg_read_all_settings members (pg_monitor) see only that
+    # it is set; pg_settings, whose reset_val bypasses the mask, has no row.
     for user in ["postgres", "monitor"]:
         with psycopg.connect(host=str(db.dir), port=db.port, user=user, dbname="app") as conn:
             assert conn.execute(f"SHOW {guc}").fetchone() == ("********",)
-            assert conn.execute("SELECT setting FROM pg_settings WHERE name = %s", (guc,)).fetchall() == [
-                ("********",)
-            ]
+            assert conn.execute("SELECT reset_val FROM pg_settings WHERE name = %s", (guc,)).fetchall() == []
+
+
+def test_errors_raised_under_an_earlier_processutility_hook_leave_every_session_standing(make_cluster):
+    """With pg_stat_statements loaded first, our hook calls its hook; an
+    ERROR raised there (inside a PL/pgSQL exception block too) unwinds
+    through our frame as a caught error, not a longjmp: no crash, no
+    cluster restart, the worker keeps its pid."""
+    cluster = make_cluster(server_settings={"shared_preload_libraries": "'pg_stat_statements,wal_listener'"})
+    cluster.execute("CREATE EXTENSION wal_listener")
+    cluster.wait_for_state("streaming", timeout=60)
+    worker, postmaster = cluster.worker_pid(), cluster.postmaster_pid()
+    with cluster.connect() as conn:
+        for i in range(200):
+            with pytest.raises(psycopg.Error):
+                conn.execute(f"DROP TABLE no_such_table_{i}")
+        conn.execute("""
+            DO $$ DECLARE n int := 0; BEGIN
+                FOR i IN 1..500 LOOP
+                    BEGIN EXECUTE format('DROP TABLE no_such_table_%s', i);
+                    EXCEPTION WHEN undefined_table THEN n := n + 1; END;
+                END LOOP;
+                RAISE NOTICE 'caught %', n;
+            END $$""")
+        assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+    assert (cluster.worker_pid(), cluster.postmaster_pid()) == (worker, postmaster)
+    assert "terminated by signal" not in cluster.log() and "terminating any other active server processes" not in cluster.log()
+    assert cluster.status()["state"] == "streaming"

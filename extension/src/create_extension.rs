@@ -45,9 +45,12 @@ unsafe extern "C-unwind" fn process_utility(
     }
     unsafe {
         match PREVIOUS_HOOK {
-            Some(previous) => {
+            // An ERROR under an earlier hook (pg_stat_statements, say) must
+            // not longjmp across this Rust frame: the guard turns it into a
+            // panic that unwinds to #[pg_guard], which raises it again.
+            Some(previous) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
                 previous(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc)
-            }
+            }),
             None => pg_sys::standard_ProcessUtility(
                 pstmt,
                 query_string,

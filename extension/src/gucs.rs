@@ -105,6 +105,9 @@ pub fn register() {
         GucContext::Postmaster,
     );
     // Shown with the password of user:password@ masked, as in the log.
+    // pg_settings' reset_val and boot_val bypass the show hook, so it is
+    // kept out of pg_settings and SHOW ALL (NO_SHOW_ALL); SHOW and
+    // current_setting() still answer, masked.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             c"wal_listener.nats_url",
@@ -112,7 +115,7 @@ pub fn register() {
             c"",
             &NATS_URL,
             GucContext::Sighup,
-            GucFlags::default(),
+            GucFlags::NO_SHOW_ALL,
             None,
             None,
             Some(show_nats_url),
@@ -182,9 +185,10 @@ pub fn register() {
         &NATS_USER,
         GucContext::Sighup,
     );
-    // Secrets: SUPERUSER_ONLY refuses SHOW and hides pg_settings rows from
-    // other roles; the show hook masks the value even for superusers and
-    // pg_read_all_settings members.
+    // Secrets: SUPERUSER_ONLY refuses SHOW to other roles; NO_SHOW_ALL keeps
+    // them out of pg_settings, whose reset_val and boot_val bypass the show
+    // hook (pg_read_all_settings members, pg_monitor among them, read those);
+    // the hook masks what SHOW prints, for superusers too.
     let secret = |name, short, setting, show: unsafe extern "C-unwind" fn() -> *const c_char| unsafe {
         GucRegistry::define_string_guc_with_hooks(
             name,
@@ -192,7 +196,7 @@ pub fn register() {
             c"",
             setting,
             GucContext::Sighup,
-            GucFlags::SUPERUSER_ONLY,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
             None,
             None,
             Some(show),
