@@ -191,3 +191,42 @@ def test_a_backlog_of_small_transactions_shares_batches_and_never_times_out(tran
     assert len(batches) <= count / 10, "transactions did not share batches"
     assert "no PubAck within" not in transactional.log()
     assert transactional.status()["transactions_unbatched"] == 0
+
+
+async def _create_atomic_stream(url: str, name: str, subjects: list[str]):
+    """A stream that allows atomic batches (nats-py has no field for it: the raw API)."""
+    nc = await nats.connect(url)
+    try:
+        config = {"name": name, "subjects": subjects, "storage": "file", "num_replicas": 1,
+                  "duplicate_window": 120_000_000_000, "allow_atomic": True}
+        reply = await nc.request(f"$JS.API.STREAM.CREATE.{name}", json.dumps(config).encode(), timeout=5)
+        assert "error" not in json.loads(reply.data), reply.data
+    finally:
+        await nc.close()
+
+
+def test_transactions_alternating_between_two_streams_keep_the_batch_limit(transactional, nats_server):
+    """Each transaction is its own batch when the next one goes to another
+    stream; those batches wait for the limit like any other (the server
+    refuses more than 50 open batches per stream: error 10210)."""
+    count = 1000
+    asyncio.run(_create_atomic_stream(nats_server.url, "other", ["other.>"]))
+    cluster = transactional
+    cluster.execute("CREATE TABLE a (t int PRIMARY KEY); CREATE TABLE b (t int PRIMARY KEY)")
+    cluster.execute("SELECT wal_listener.add_filter('a'), wal_listener.add_filter('b', subject => 'other.b')")
+    time.sleep(1)
+    nats_server.stop()  # a backlog: every batch is ready at once
+    cluster.execute("""
+        CREATE PROCEDURE alternate(n int) LANGUAGE plpgsql AS $$
+        BEGIN FOR t IN 1..n LOOP
+            INSERT INTO a VALUES (t); COMMIT;
+            INSERT INTO b VALUES (t); COMMIT;
+        END LOOP; END $$""")
+    cluster.execute(f"CALL alternate({count})")
+    nats_server.start()
+    wait_until(lambda: stream_count(nats_server.url) >= count and stream_count(nats_server.url, "other") >= count,
+               120, "every row in its stream", interval=0.5)
+    assert [b["data"]["t"] for b in event_bodies(nats_server.url) if b["table"] == "a"] == list(range(1, count + 1))
+    assert [b["data"]["t"] for b in event_bodies(nats_server.url, "other")] == list(range(1, count + 1))
+    assert "10210" not in cluster.log(), "the server refused a batch: too many open batches"
+    assert cluster.status()["transactions_unbatched"] == 0

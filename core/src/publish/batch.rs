@@ -20,6 +20,7 @@
 //! [`AckTracker`](crate::ack_tracker::AckTracker) when it was held, so the
 //! confirm rule sees commits in stream order whether or not they are sent.
 
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -228,6 +229,26 @@ pub fn batch_id(session: u64, last_commit: Lsn) -> String {
     format!("wl-{session:x}-{:x}", last_commit.0)
 }
 
+/// The sequences a PubAck answers: the one it names, or, for an atomic
+/// batch's PubAck (`count` given), the whole batch sent that ends there,
+/// as `sent` (first and last sequence of each batch in flight) recorded
+/// it. The server's count is checked, never used to reach back: a wrong
+/// count must not ack events of another batch.
+pub fn answered(
+    sequence: u64,
+    count: Option<u64>,
+    sent: impl IntoIterator<Item = (u64, u64)>,
+) -> Result<RangeInclusive<u64>, String> {
+    let Some(count) = count else { return Ok(sequence..=sequence) };
+    let Some((first, last)) = sent.into_iter().find(|(_, last)| *last == sequence) else {
+        return Err(format!("a batch PubAck for sequence {sequence} answers no atomic batch in flight"));
+    };
+    if count != last - first + 1 {
+        return Err(format!("a batch PubAck counts {count} messages for a batch of {}", last - first + 1));
+    }
+    Ok(first..=last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,5 +352,15 @@ mod tests {
         let id = batch_id(u64::MAX >> 1, Lsn(u64::MAX));
         assert!(id.len() <= 64, "{id}");
         assert_ne!(batch_id(1, Lsn(2)), batch_id(1, Lsn(3)));
+    }
+
+    #[test]
+    fn a_batch_pub_ack_answers_exactly_its_batch() {
+        let sent = [(1, 3), (4, 4), (5, 9)];
+        assert_eq!(answered(7, None, sent), Ok(7..=7));
+        assert_eq!(answered(9, Some(5), sent), Ok(5..=9));
+        assert_eq!(answered(4, Some(1), sent), Ok(4..=4));
+        assert!(answered(9, Some(8), sent).unwrap_err().contains("counts 8 messages for a batch of 5"));
+        assert!(answered(8, Some(4), sent).unwrap_err().contains("no atomic batch"));
     }
 }

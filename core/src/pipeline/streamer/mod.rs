@@ -21,7 +21,7 @@ use crate::event::{
 };
 use crate::filters::{Decision, FilterChange, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
-use crate::publish::batch::{batch_id, Held, Limits, NotHeld, TransactionBatch};
+use crate::publish::batch::{answered, batch_id, Held, Limits, NotHeld, TransactionBatch};
 use crate::publish::pub_ack::{BATCH_HAS_DUPLICATE, TOO_MANY_BATCHES};
 use crate::publish::streams::default_subject_probe;
 use crate::publish::{Publisher, Reply, Sent, ACK_TIMEOUT};
@@ -111,8 +111,8 @@ pub struct Streamer {
     /// Events held for the next atomic batch.
     batch: TransactionBatch<Arc<Route>>,
     batch_limits: Limits,
-    /// The last sequence of each atomic batch sent and not yet acked.
-    batches_in_flight: VecDeque<u64>,
+    /// The first and last sequence of each atomic batch sent and not yet acked.
+    batches_in_flight: VecDeque<(u64, u64)>,
     /// A batch of this session was stored: what follows was never sent before.
     batch_stored: bool,
     token: u64,
@@ -246,9 +246,10 @@ impl Streamer {
             Reply::Stored { stream, batch_count, .. } if route.stream.as_deref() == Some(stream.as_str()) => {
                 self.batch_stored |= batch_count.is_some();
                 // An atomic batch's PubAck answers all its messages, ending with this one.
-                let first = sequence.saturating_sub(batch_count.unwrap_or(1).saturating_sub(1));
+                let answered = answered(sequence, batch_count, self.batches_in_flight.iter().copied())
+                    .map_err(|why| Error::Nats(format!("publishing to {}: {why}", route.subject)))?;
                 let mut newest = None;
-                for acked in first..=sequence {
+                for acked in answered {
                     let (newly_acked, confirm) = self.tracker.acked(acked);
                     if newly_acked > 0 {
                         self.board.add_published(newly_acked);
@@ -320,7 +321,7 @@ impl Streamer {
     /// Atomic batches sent and still awaiting their PubAck.
     fn batches_in_flight(&mut self) -> usize {
         let tracker = &self.tracker;
-        self.batches_in_flight.retain(|&last| tracker.awaits(last));
+        self.batches_in_flight.retain(|&(_, last)| tracker.awaits(last));
         self.batches_in_flight.len()
     }
 
@@ -690,15 +691,34 @@ impl Streamer {
     }
 
     /// Sends the held events of committed transactions as one atomic
-    /// batch when few batches await PubAcks, or when they fill the
-    /// in-flight caps; otherwise they wait for more transactions to join.
+    /// batch when fewer batches than the limit await PubAcks; otherwise
+    /// they wait for more transactions to join (the replies that free room
+    /// come in the main loop).
     async fn send_batch_when_due(&mut self) -> Result<(), Error> {
         if !self.batch.has_committed() {
             return Ok(());
         }
-        let limit = if self.batch_stored { BATCHES_IN_FLIGHT } else { 1 };
-        if self.batches_in_flight() < limit || !self.below_caps() {
+        if self.batches_in_flight() < self.batch_limit() {
             self.send_batch().await?;
+        }
+        Ok(())
+    }
+
+    /// Atomic batches allowed in flight: one until a batch of the session
+    /// is stored, then [`BATCHES_IN_FLIGHT`] (the server refuses more than
+    /// 50 open batches per stream, error 10210).
+    fn batch_limit(&self) -> usize {
+        if self.batch_stored {
+            BATCHES_IN_FLIGHT
+        } else {
+            1
+        }
+    }
+
+    /// Takes PubAcks until another atomic batch may be sent.
+    async fn wait_for_batch_room(&mut self) -> Result<(), Error> {
+        while self.batches_in_flight() >= self.batch_limit() {
+            self.take_reply().await?;
         }
         Ok(())
     }
@@ -710,7 +730,11 @@ impl Streamer {
         if !self.batch.has_committed() {
             return Ok(());
         }
-        self.settle_first_batch().await?;
+        // Whoever sends (a full batch, a backfill, a fallback), the
+        // limit holds: transactions alternating between two streams fill
+        // one batch each, and the server refuses more than 50 open batches
+        // per stream.
+        self.wait_for_batch_room().await?;
         let Some(ready) = self.batch.take_committed() else { return Ok(()) };
         let batch_id = batch_id(self.token, ready.last_commit);
         let last = ready.first_sequence + ready.events.len() as u64 - 1;
@@ -722,7 +746,7 @@ impl Streamer {
                 .await?;
         }
         self.tracker.sent(ready.first_sequence..=last, Instant::now());
-        self.batches_in_flight.push_back(last);
+        self.batches_in_flight.push_back((ready.first_sequence, last));
         Ok(())
     }
 
