@@ -4,11 +4,12 @@ pipeline."""
 import asyncio
 import subprocess
 import threading
+import time
 
 import nats
 import psycopg
 
-from harness import Nats, _as_postgres_user, read_stream, wait_for_count, wait_until
+from harness import Nats, _as_postgres_user, read_stream, stream_count, wait_for_count, wait_until
 
 
 def ids_and_actions(events):
@@ -303,3 +304,33 @@ def test_restart_signals_no_process_once_the_worker_has_died(streaming):
     assert streaming.execute("SELECT wal_listener.restart() AS asked") == [{"asked": False}]
     streaming.set(inject_fault=None)
     streaming.wait_for_state("streaming", timeout=60)
+
+
+def test_a_config_message_from_another_role_changes_no_filter(streaming, nats_server):
+    """pg_logical_emit_message is PUBLIC: a role with no right on the
+    extension wrote a 'wal_listener.config' message naming a filter version
+    99 for no real table, and every table stopped being published. Only
+    messages the extension's triggers sign count now."""
+    cluster = streaming
+    cluster.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE u (id int PRIMARY KEY); "
+                    "CREATE ROLE plain LOGIN; GRANT INSERT ON t TO plain")
+    forged = ['{"version": 99, "relid": 1, "table": "x", "actions": ["insert"], "subject": null}',
+              '0' * 64 + ' {"version": 98}', "not json at all"]
+    with psycopg.connect(host=str(cluster.dir), port=cluster.port, user="plain", dbname="app",
+                         autocommit=True) as conn:
+        with conn.transaction():
+            for content in forged:
+                conn.execute("SELECT pg_logical_emit_message(true, 'wal_listener.config', %s)", (content,))
+            conn.execute("INSERT INTO t VALUES (1)")
+    cluster.execute("INSERT INTO t VALUES (2); INSERT INTO u VALUES (1)")
+    assert wait_for_count(nats_server.url, 3) == 3
+    assert cluster.status()["state"] == "streaming"
+    assert "ignored 3 config message(s)" in cluster.log()
+    assert "filters version 9" not in cluster.log()
+    # The extension's own changes still apply.
+    cluster.execute("SELECT wal_listener.add_filter('u')")
+    cluster.execute("INSERT INTO t VALUES (3); INSERT INTO u VALUES (2)")
+    wait_until(lambda: "filters version 1 in force" in cluster.log(), 30, "the real filter change")
+    assert wait_for_count(nats_server.url, 4) == 4
+    time.sleep(1)
+    assert stream_count(nats_server.url) == 4, "t is filtered out now"

@@ -39,6 +39,24 @@ CREATE TABLE filter_rules (
 REVOKE ALL ON filter_rules FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('filter_rules', '');
 
+-- The key config messages are signed with: any role may write a logical
+-- message with our prefix (pg_logical_emit_message is PUBLIC), so the
+-- worker takes only those whose MAC this key makes (filters.rs,
+-- verified_payload). 32 random bytes (gen_random_uuid is pg_strong_random).
+-- Not dumped: a restored database makes its own.
+CREATE TABLE message_key (key bytea NOT NULL);
+REVOKE ALL ON message_key FROM PUBLIC;
+INSERT INTO message_key
+    SELECT sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8'));
+
+-- <mac> <payload>: the hex of SHA-256(key || SHA-256(key || payload)).
+CREATE FUNCTION _signed(p_payload text) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT encode(sha256(k.key || sha256(k.key || convert_to(p_payload, 'UTF8'))), 'hex') || ' ' || p_payload
+      FROM @extschema@.message_key k
+$$;
+
 -- Writes each new version and rule into the change stream as a logical
 -- message: it reaches the worker whatever the publication contains, with
 -- the table's OID in this cluster (also for the rows a restore writes), and
@@ -49,11 +67,13 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF TG_TABLE_NAME = 'config_changes' THEN
-        PERFORM pg_logical_emit_message(true, 'wal_listener.config', jsonb_build_object('version', NEW.version)::text);
+        PERFORM pg_logical_emit_message(true, 'wal_listener.config',
+            @extschema@._signed(jsonb_build_object('version', NEW.version)::text));
     ELSE
         PERFORM pg_logical_emit_message(true, 'wal_listener.config',
-            jsonb_build_object('version', NEW.version, 'relid', NEW.tbl::oid::bigint, 'table', NEW.tbl::text,
-                               'actions', NEW.actions, 'subject', NEW.subject)::text);
+            @extschema@._signed(jsonb_build_object('version', NEW.version, 'relid', NEW.tbl::oid::bigint,
+                                                   'table', NEW.tbl::text, 'actions', NEW.actions,
+                                                   'subject', NEW.subject)::text));
     END IF;
     RETURN NULL;
 END
@@ -423,7 +443,7 @@ REVOKE ALL ON FUNCTION add_filter(regclass, text[], text), remove_filter(regclas
     _enqueue_backfill(regclass, text, oid), _replica_identity_key(regclass), _chunk_key(regclass),
     _read_chunk(oid, text, bigint, oid[]),
     _write_filters(regclass, boolean, text[], text), _next_rules(bigint, regclass, boolean, text[], text),
-    _announce_filter_change(), _request_restart(),
+    _announce_filter_change(), _signed(text), _request_restart(),
     _normalize_actions(text[]), _check_subject(text), _sync_standby_warning(text), _worker_status(), status()
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION status() TO pg_monitor;

@@ -64,6 +64,27 @@ pub async fn record(cfg: &SourceConfig, version: i64, commit_lsn: Lsn, rules: &s
     })
 }
 
+/// The key the extension's triggers sign config messages with (table
+/// `wal_listener.message_key`, readable by its owner only). Asked when
+/// the first config message of a session is decoded: the key was
+/// committed with CREATE EXTENSION, normally long visible by then; a few
+/// tries cover CREATE EXTENSION and add_filter in one transaction.
+pub async fn message_key(cfg: &SourceConfig) -> Result<Vec<u8>, Error> {
+    let mut sql = Sql::side(cfg).await?;
+    for attempt in 0..20 {
+        if let Some(hex) = sql.one_value("SELECT encode(key, 'hex') FROM wal_listener.message_key").await? {
+            return (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16).ok())
+                .collect::<Option<Vec<u8>>>()
+                .ok_or_else(|| {
+                    Error::Setup("wal_listener.message_key holds no key; recreate the extension".into())
+                });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100 * (attempt + 1))).await;
+    }
+    Err(Error::Setup("wal_listener.message_key is empty; recreate the extension".into()))
+}
+
 /// A new slot starts after every version written so far: the newest is in
 /// force from its start, and positions of an earlier slot mean nothing.
 pub async fn reset_for_new_slot(sql: &mut Sql) -> Result<(), Error> {

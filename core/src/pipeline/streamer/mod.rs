@@ -72,8 +72,9 @@ struct Transaction {
     next_ordinal: u32,
     /// Committed before CREATE EXTENSION: not published.
     before_capture: bool,
-    /// Filter versions this transaction wrote; the newest is in force from its commit.
-    filter_change: Option<FilterChange>,
+    /// Its config messages as decoded, checked at the commit: filter
+    /// versions it wrote, the newest in force from the commit on.
+    config_messages: Vec<Vec<u8>>,
     /// `publish_mode = transaction`, and this transaction goes one event at a
     /// time: why (logged once), or a replay after a refused batch (`None`).
     unbatched: Option<Option<crate::publish::batch::Fallback>>,
@@ -122,6 +123,8 @@ pub struct Streamer {
     foreign_replies: u64,
     /// Size of the last event, to allocate the next one once.
     last_event_len: usize,
+    /// The key config messages are signed with, read at the first one.
+    message_key: Option<Vec<u8>>,
 }
 
 impl Streamer {
@@ -168,6 +171,7 @@ impl Streamer {
             published_through: Lsn(0),
             foreign_replies: 0,
             last_event_len: 256,
+            message_key: None,
         }
     }
 
@@ -407,8 +411,13 @@ impl Streamer {
         let unbatched = (self.publish_mode == PublishMode::Transaction
             && begin.final_lsn <= self.board.per_event_until())
         .then_some(None);
-        self.transaction =
-            Some(Transaction { begin, next_ordinal: 0, before_capture, filter_change: None, unbatched });
+        self.transaction = Some(Transaction {
+            begin,
+            next_ordinal: 0,
+            before_capture,
+            config_messages: Vec::new(),
+            unbatched,
+        });
     }
 
     async fn commit(&mut self, end_lsn: Lsn) -> Result<(), Error> {
@@ -417,8 +426,12 @@ impl Streamer {
             self.batch.commit(transaction.begin.final_lsn);
             self.published_through = self.published_through.max(transaction.begin.final_lsn);
         }
-        if let Some(Transaction { begin, filter_change: Some(change), .. }) = transaction {
-            self.apply_filter_change(&change, begin.final_lsn).await?;
+        if let Some(Transaction { begin, config_messages, .. }) = transaction {
+            if !config_messages.is_empty() {
+                if let Some(change) = self.verified_filter_change(&config_messages, begin.final_lsn).await? {
+                    self.apply_filter_change(&change, begin.final_lsn).await?;
+                }
+            }
         }
         if let Some(lsn) = self.tracker.commit(end_lsn) {
             self.confirm(lsn);
@@ -432,13 +445,46 @@ impl Streamer {
         let transaction = self.transaction.as_mut().ok_or_else(|| {
             Error::Replication("protocol: a transactional message outside a transaction".into())
         })?;
-        transaction.filter_change.get_or_insert_with(FilterChange::default).add_message(content).map_err(
-            |e| {
-                Error::Setup(format!(
-                    "{e}; the extension's tables or triggers were altered, recreate the extension"
-                ))
-            },
-        )
+        transaction.config_messages.push(content.to_vec());
+        Ok(())
+    }
+
+    /// The filter change a transaction's config messages describe, taking
+    /// only those the extension's triggers signed: any role may write a
+    /// message with our prefix, and one did replace every filter.
+    async fn verified_filter_change(
+        &mut self,
+        messages: &[Vec<u8>],
+        commit_lsn: Lsn,
+    ) -> Result<Option<FilterChange>, Error> {
+        if self.message_key.is_none() {
+            self.message_key = Some(config_store::message_key(&self.source).await?);
+        }
+        let key = self.message_key.as_deref().unwrap_or_default();
+        let mut change = FilterChange::default();
+        let mut forged = 0;
+        for content in messages {
+            match crate::filters::verified_payload(key, content) {
+                Some(payload) => change.add_message(payload).map_err(|e| {
+                    Error::Setup(format!(
+                        "{e}; the extension's tables or triggers were altered, recreate the extension"
+                    ))
+                })?,
+                None => forged += 1,
+            }
+        }
+        if forged > 0 {
+            self.board.log(
+                LogLevel::Warning,
+                format!(
+                    "ignored {forged} config message(s) in the transaction committed at {commit_lsn}: not \
+                     written by wal_listener's triggers (a pg_logical_emit_message with prefix \
+                     {} from another role)",
+                    replication::CONFIG_MESSAGE_PREFIX
+                ),
+            );
+        }
+        Ok(change.newest().is_some().then_some(change))
     }
 
     /// Applies the newest filter version a transaction wrote, after
