@@ -1,7 +1,11 @@
 //! One publishing session: receive pgoutput, decode, filter, encode,
 //! publish, collect PubAcks, and confirm what [`AckTracker`] allows.
+//! Atomic batches are in `batching`, PubAck handling in `pub_acks`, the
+//! backfill windows in `backfill`.
 
 mod backfill;
+mod batching;
+mod pub_acks;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,10 +25,9 @@ use crate::event::{
 };
 use crate::filters::{Decision, FilterChange, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
-use crate::publish::batch::{answered, batch_id, Held, Limits, NotHeld, TransactionBatch};
-use crate::publish::pub_ack::{BATCH_HAS_DUPLICATE, TOO_MANY_BATCHES};
+use crate::publish::batch::{Held, Limits, TransactionBatch};
 use crate::publish::streams::default_subject_probe;
-use crate::publish::{Publisher, Reply, Sent, ACK_TIMEOUT};
+use crate::publish::{Publisher, Sent};
 use crate::replication::config_store::{self, FilterVersion};
 use crate::replication::{self, catalog};
 use crate::status::{LogLevel, StatusBoard, WarningSource};
@@ -34,12 +37,6 @@ use backfill::BackfillState;
 
 /// How often the oldest unacked publish is checked against ACK_TIMEOUT.
 const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Atomic batches sent and not yet acked before committed transactions
-/// wait to join the next batch instead (`publish_mode = transaction`): few
-/// enough that transactions group while the server syncs, enough to keep
-/// it busy.
-const BATCHES_IN_FLIGHT: usize = 4;
 
 /// Where the events of one table go: the subject, and the stream that
 /// stores it as read at connect (its PubAcks must name that stream).
@@ -221,135 +218,6 @@ impl Streamer {
     /// capped in count and in payload bytes (DESIGN.md rule 5).
     fn below_caps(&self) -> bool {
         self.tracker.unacked() < self.max_in_flight && self.tracker.unacked_bytes() < self.max_in_flight_bytes
-    }
-
-    fn on_reply(&mut self, sequence: u64, reply: Reply) -> Result<(), Error> {
-        if let Reply::Foreign(body) = reply {
-            // Also when it trails the PubAck: someone answers on our subjects.
-            self.foreign_replies += 1;
-            if self.foreign_replies == 1 {
-                let subject = self
-                    .tracker
-                    .tag(sequence)
-                    .map_or("a subject of ours".to_owned(), |r| r.subject.to_string());
-                self.board.log(
-                    LogLevel::Warning,
-                    format!(
-                        "a reply that is not a JetStream PubAck arrived for an event on {subject}: {body}; a core \
-                         NATS subscriber on that subject answers requests. It confirms nothing: only a PubAck \
-                         from the stream does"
-                    ),
-                );
-            }
-            return Ok(());
-        }
-        let Some(route) = self.tracker.tag(sequence).cloned() else {
-            return Ok(()); // acked already
-        };
-        match reply {
-            Reply::Stored { stream, batch_count, .. } if route.stream.as_deref() == Some(stream.as_str()) => {
-                self.batch_stored |= batch_count.is_some();
-                // An atomic batch's PubAck answers all its messages, ending with this one.
-                let answered = answered(sequence, batch_count, self.batches_in_flight.iter().copied())
-                    .map_err(|why| Error::Nats(format!("publishing to {}: {why}", route.subject)))?;
-                let mut newest = None;
-                for acked in answered {
-                    let (newly_acked, confirm) = self.tracker.acked(acked);
-                    if newly_acked > 0 {
-                        self.board.add_published(newly_acked);
-                    }
-                    newest = confirm.or(newest);
-                }
-                if let Some(lsn) = newest {
-                    self.confirm(lsn);
-                }
-                self.report_acked_chunks();
-                Ok(())
-            }
-            Reply::Stored { stream, .. } => Err(Error::Nats(format!(
-                "publishing to {}: the PubAck came from stream {stream}, but {} stored that subject when the \
-                 worker connected; reconnecting to read the streams again",
-                route.subject,
-                route.stream.as_deref().map_or("no stream".to_owned(), |s| format!("stream {s}"))
-            ))),
-            Reply::Refused { code: Some(BATCH_HAS_DUPLICATE), .. } => {
-                // A replay after a restart (or a transaction partly stored one
-                // event at a time before): JetStream refuses the whole batch,
-                // whichever of its messages it has. Send what this session sent
-                // again one event at a time: per-message dedupe drops what is
-                // stored and stores what is not.
-                self.board.set_per_event_until(self.published_through);
-                Err(Error::Restart(format!(
-                    "an atomic batch on {} holds an event JetStream stored before (error {BATCH_HAS_DUPLICATE}); \
-                     transactions up to {} go again one event at a time",
-                    route.subject, self.published_through
-                )))
-            }
-            Reply::Refused { code: Some(TOO_MANY_BATCHES), why } => Err(Error::Nats(format!(
-                "publishing to {}: {why}; other publishers hold the stream's open atomic batches",
-                route.subject
-            ))),
-            Reply::Refused { why, .. } if self.tracker.awaits(sequence) => {
-                Err(Error::Nats(format!("publishing to {} failed: {why}", route.subject)))
-            }
-            Reply::Refused { .. } | Reply::Foreign(_) => Ok(()),
-        }
-    }
-
-    /// Waits until every publish so far is acked (or the PubAck timeout
-    /// passes), confirming what the acks allow.
-    async fn settle(&mut self) -> Result<(), Error> {
-        self.send_batch().await?;
-        self.publisher.flush().await?;
-        while !self.tracker.is_empty() {
-            if !self.take_reply().await? {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes the next reply on the PubAck inbox, waiting at most
-    /// [`ACK_TIMEOUT`]; `false` when none came and none is overdue yet.
-    async fn take_reply(&mut self) -> Result<bool, Error> {
-        match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
-            Ok(reply) => {
-                let (sequence, reply) = reply?;
-                self.on_reply(sequence, reply)?;
-                Ok(true)
-            }
-            Err(_) => self.check_acks_in_time().map(|()| false),
-        }
-    }
-
-    /// Atomic batches sent and still awaiting their PubAck.
-    fn batches_in_flight(&mut self) -> usize {
-        let tracker = &self.tracker;
-        self.batches_in_flight.retain(|&(_, last)| tracker.awaits(last));
-        self.batches_in_flight.len()
-    }
-
-    /// A PubAck that takes longer than [`ACK_TIMEOUT`] fails the session:
-    /// the publish may be lost, and the replay from the slot resends it.
-    fn check_acks_in_time(&self) -> Result<(), Error> {
-        let Some(late) = self.tracker.overdue(Instant::now(), ACK_TIMEOUT) else { return Ok(()) };
-        let foreign = match self.foreign_replies {
-            0 => String::new(),
-            n => format!("; {n} replies came from a core NATS subscriber instead, which confirm nothing"),
-        };
-        Err(Error::Nats(format!(
-            "publishing to {} failed: no PubAck within {} s ({} publishes unacked; NATS overloaded or \
-             JetStream unavailable){foreign}",
-            late.tag.subject,
-            ACK_TIMEOUT.as_secs(),
-            late.unacked
-        )))
-    }
-
-    /// Reports `lsn` as flushed; the tracker guarantees everything before it is acked.
-    fn confirm(&mut self, lsn: Lsn) {
-        self.client.update_applied_lsn(lsn.into());
-        self.board.set_confirmed_lsn(lsn);
     }
 
     async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
@@ -663,137 +531,6 @@ impl Streamer {
             Sent::Published => String::new(),
         };
         self.after_send(sent, what).await
-    }
-
-    /// In `publish_mode = transaction`: holds the event for the next
-    /// batch, or returns it to be sent on its own, after the events of its
-    /// transaction held so far (the transaction falls back, once and for all).
-    async fn hold(&mut self, mut held: Held<Arc<Route>>) -> Result<Option<Held<Arc<Route>>>, Error> {
-        let transaction = self.transaction.as_ref().expect("a change is inside a transaction");
-        if transaction.unbatched.is_some() {
-            // After the transactions held before it.
-            self.send_batch().await?;
-            self.settle_first_batch().await?;
-            return Ok(Some(held));
-        }
-        let commit_lsn = transaction.begin.final_lsn;
-        let stream = held.route.stream.clone();
-        let atomic = stream.as_deref().is_some_and(|s| self.publisher.streams().allows_atomic(s));
-        let fallback = loop {
-            let (route, bytes) = (held.route.clone(), held.body.len());
-            let sequence = self.tracker.next_sequence();
-            match self.batch.hold(held, sequence, stream.as_ref(), atomic, self.batch_limits) {
-                Ok(()) => {
-                    // Counted as in flight from now: the confirm rule waits for its batch.
-                    self.tracker.held(route, bytes);
-                    return Ok(None);
-                }
-                Err(NotHeld::Full(event)) => {
-                    self.send_batch().await?;
-                    held = event;
-                }
-                Err(NotHeld::Fallback(fallback, event)) => {
-                    held = event;
-                    break fallback;
-                }
-            }
-        };
-        if let Some(transaction) = self.transaction.as_mut() {
-            transaction.unbatched = Some(Some(fallback));
-        }
-        self.board.add_unbatched(1);
-        self.board.log(
-            LogLevel::Info,
-            format!(
-                "the transaction committed at {commit_lsn} goes one event at a time, not as one atomic batch: it \
-                 has {}",
-                fallback.reason()
-            ),
-        );
-        self.send_batch().await?;
-        self.settle_first_batch().await?;
-        let (earlier, first_sequence) = self.batch.take_open();
-        for (sequence, event) in (first_sequence..).zip(earlier) {
-            // Each fitted max_payload when it was held.
-            if let Sent::TooLarge(why) =
-                self.publisher.publish(&event.route.subject, &event.id, event.body, sequence).await?
-            {
-                return Err(Error::Nats(format!("publishing event {} failed: {why}", event.id)));
-            }
-            self.tracker.sent(sequence..=sequence, Instant::now());
-        }
-        Ok(Some(held))
-    }
-
-    /// Until a batch of this session is stored, one batch at a time and
-    /// nothing after it: a replay's first batches may hold events stored
-    /// before (refused whole, error 10201, then sent again one event at a
-    /// time), and what was sent after them must not be stored first.
-    async fn settle_first_batch(&mut self) -> Result<(), Error> {
-        while !self.batch_stored && self.batches_in_flight() > 0 {
-            self.take_reply().await?;
-        }
-        Ok(())
-    }
-
-    /// Sends the held events of committed transactions as one atomic
-    /// batch when fewer batches than the limit await PubAcks; otherwise
-    /// they wait for more transactions to join (the replies that free room
-    /// come in the main loop).
-    async fn send_batch_when_due(&mut self) -> Result<(), Error> {
-        if !self.batch.has_committed() {
-            return Ok(());
-        }
-        if self.batches_in_flight() < self.batch_limit() {
-            self.send_batch().await?;
-        }
-        Ok(())
-    }
-
-    /// Atomic batches allowed in flight: one until a batch of the session
-    /// is stored, then [`BATCHES_IN_FLIGHT`] (the server refuses more than
-    /// 50 open batches per stream, error 10210).
-    fn batch_limit(&self) -> usize {
-        if self.batch_stored {
-            BATCHES_IN_FLIGHT
-        } else {
-            1
-        }
-    }
-
-    /// Takes PubAcks until another atomic batch may be sent.
-    async fn wait_for_batch_room(&mut self) -> Result<(), Error> {
-        while self.batches_in_flight() >= self.batch_limit() {
-            self.take_reply().await?;
-        }
-        Ok(())
-    }
-
-    /// Sends the held events of committed transactions as one atomic
-    /// batch; its PubAck acks them all. Their sequences were taken when
-    /// they were held.
-    async fn send_batch(&mut self) -> Result<(), Error> {
-        if !self.batch.has_committed() {
-            return Ok(());
-        }
-        // Whoever sends (a full batch, a backfill, a fallback), the
-        // limit holds: transactions alternating between two streams fill
-        // one batch each, and the server refuses more than 50 open batches
-        // per stream.
-        self.wait_for_batch_room().await?;
-        let Some(ready) = self.batch.take_committed() else { return Ok(()) };
-        let batch_id = batch_id(self.token, ready.last_commit);
-        let last = ready.first_sequence + ready.events.len() as u64 - 1;
-        let count = ready.events.len();
-        for (index, held) in ready.events.into_iter().enumerate() {
-            let commit = (index + 1 == count).then_some(last);
-            self.publisher
-                .publish_in_batch(&held.route.subject, &held.id, held.body, &batch_id, index + 1, commit)
-                .await?;
-        }
-        self.tracker.sent(ready.first_sequence..=last, Instant::now());
-        self.batches_in_flight.push_back((ready.first_sequence, last));
-        Ok(())
     }
 
     /// Counts an event too large for NATS, as `oversize_policy` says:
