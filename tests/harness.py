@@ -440,3 +440,30 @@ def last_number(url: str, subject: str = "wal_listener.public_load") -> int:
         return asyncio.run(_last_number(url, subject))
     except Exception:
         return 0
+
+
+def sync_standby_star(cluster):
+    """Makes every commit wait for a synchronous standby: with '*', the
+    worker's own walsender qualifies (the common one-standby setting)."""
+    cluster.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+    cluster.execute("SELECT pg_reload_conf()")
+    wait_until(
+        lambda: cluster.execute(
+            "SELECT 1 FROM pg_stat_replication WHERE application_name = 'wal_listener' AND sync_state = 'sync'"
+        ),
+        30,
+        "the worker's walsender to be the synchronous standby",
+    )
+
+
+def execute_bounded(cluster, sql: str, seconds: int = 30):
+    """Runs `sql` with a statement_timeout, so that a commit stuck waiting for
+    the synchronous standby fails the test instead of hanging it."""
+    with psycopg.connect(
+        host=str(cluster.dir), port=cluster.port, user="postgres", dbname="app", autocommit=True,
+        options=f"-c statement_timeout={seconds}s",
+    ) as conn:
+        notices = []
+        conn.add_notice_handler(lambda n: notices.append(n.message_primary))
+        conn.execute(sql)
+        assert not any("synchronous replication" in n for n in notices), notices

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import time
 
-from harness import _as_postgres_user, read_stream, wait_for_count, wait_until
+import psycopg
+
+from harness import _as_postgres_user, read_stream, sync_standby_star, wait_for_count, wait_until
 
 WAITING = 'waiting for CREATE EXTENSION wal_listener in database "app"'
 
@@ -34,6 +36,45 @@ def test_statements_after_create_extension_in_their_own_transactions_lose_nothin
          "INSERT INTO t VALUES (2)")
     assert wait_for_count(nats_server.url, 2, timeout=60) == 2
     assert [e.body["data"]["id"] for e in read_stream(nats_server.url)] == [1, 2]
+
+
+def test_create_extension_returns_when_the_worker_is_the_only_synchronous_standby(cluster, nats_server):
+    # With '*' and no other standby, the CREATE EXTENSION commit waits for
+    # the worker's walsender, and the worker cannot see the extension until
+    # that commit is visible: it must confirm it, as it carries nothing to
+    # publish. Before, the statement never returned and the worker opened a
+    # session (and logged) per millisecond.
+    wait_until(lambda: WAITING in cluster.log(), 60, "the worker to wait for CREATE EXTENSION with its slot")
+    sync_standby_star(cluster)
+    started = time.monotonic()
+    psql(cluster, "CREATE EXTENSION wal_listener", "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1)")
+    returned_after = time.monotonic() - started
+    print(f"CREATE EXTENSION; CREATE TABLE; INSERT returned after {returned_after:.2f} s")
+    assert returned_after < 60
+    assert wait_for_count(nats_server.url, 1, timeout=60) == 1
+    assert read_stream(nats_server.url)[0].body["data"] == {"id": 1}
+    assert cluster.status()["state"] == "streaming"
+    assert cluster.log().count(WAITING) == 1
+
+
+def test_a_created_marker_written_by_a_role_is_ignored_and_pins_no_wal(cluster, nats_server):
+    # Any role may write a message with the extension's prefix. Before, the
+    # worker took it for CREATE EXTENSION, found no extension, and started
+    # over from before it, a session per millisecond, never moving the slot.
+    wait_until(lambda: WAITING in cluster.log(), 60, "the worker to wait for CREATE EXTENSION with its slot")
+    cluster.execute("CREATE ROLE plain LOGIN")
+    with psycopg.connect(host=str(cluster.dir), port=cluster.port, user="plain", dbname="app",
+                         autocommit=True) as conn:
+        forged_at = conn.execute(
+            "SELECT pg_logical_emit_message(true, 'wal_listener.created', '')::text").fetchone()[0]
+    wait_until(lambda: 'ignored a "wal_listener.created" message' in cluster.log(), 30, "the forged marker ignored")
+    wait_until(
+        lambda: cluster.execute("SELECT confirmed_flush_lsn > %s::pg_lsn AS past FROM pg_replication_slots "
+                                "WHERE slot_name = 'wal_listener'", (forged_at,)) == [{"past": True}],
+        30, "the slot to move past the forged marker")
+    psql(cluster, "CREATE EXTENSION wal_listener", "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1)")
+    assert wait_for_count(nats_server.url, 1, timeout=60) == 1
+    assert cluster.log().count(WAITING) == 1
 
 
 def slot_lag(cluster) -> dict:

@@ -9,7 +9,16 @@ import time
 import nats
 import psycopg
 
-from harness import Nats, _as_postgres_user, read_stream, stream_count, wait_for_count, wait_until
+from harness import (
+    Nats,
+    _as_postgres_user,
+    execute_bounded,
+    read_stream,
+    stream_count,
+    sync_standby_star,
+    wait_for_count,
+    wait_until,
+)
 
 
 def ids_and_actions(events):
@@ -96,33 +105,6 @@ def test_restart_reconnects_and_resumes_from_the_slot(streaming, nats_server):
     assert streaming.status()["pid"] == pid  # the same process reconnected
     streaming.execute("INSERT INTO t VALUES (1)")
     assert wait_for_count(nats_server.url, 1) == 1
-
-
-def sync_standby_star(cluster):
-    """Makes every commit wait for a synchronous standby: with '*', the
-    worker's own walsender qualifies (the common one-standby setting)."""
-    cluster.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-    cluster.execute("SELECT pg_reload_conf()")
-    wait_until(
-        lambda: cluster.execute(
-            "SELECT 1 FROM pg_stat_replication WHERE application_name = 'wal_listener' AND sync_state = 'sync'"
-        ),
-        30,
-        "the worker's walsender to be the synchronous standby",
-    )
-
-
-def execute_bounded(cluster, sql: str, seconds: int = 30):
-    """Runs `sql` with a statement_timeout, so that a commit stuck waiting for
-    the synchronous standby fails the test instead of hanging it."""
-    with psycopg.connect(
-        host=str(cluster.dir), port=cluster.port, user="postgres", dbname="app", autocommit=True,
-        options=f"-c statement_timeout={seconds}s",
-    ) as conn:
-        notices = []
-        conn.add_notice_handler(lambda n: notices.append(n.message_primary))
-        conn.execute(sql)
-        assert not any("synchronous replication" in n for n in notices), notices
 
 
 def test_filter_change_survives_restart_and_retry_with_synchronous_standby_star(streaming, nats_server):

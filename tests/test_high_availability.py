@@ -115,6 +115,10 @@ def test_failover_to_the_standby_loses_and_duplicates_nothing(primary_and_standb
     primary.execute("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
     primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'standby1'")
     primary.execute("SELECT pg_reload_conf()")
+    # One postgresql.conf for every node: the standby has the same list,
+    # which names its own slot once it is promoted.
+    standby.execute("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
+    standby.execute("SELECT pg_reload_conf()")
     primary.execute("SELECT wal_listener.add_filter('load', subject => 'wal_listener.public_load')")
     wait_until(
         lambda: standby.execute(
@@ -135,9 +139,25 @@ def test_failover_to_the_standby_loses_and_duplicates_nothing(primary_and_standb
     loader.switch_to(standby)
     wait_until(lambda: loader.switched_at_row, 60, "the loader to commit on the new primary")
     first_new = loader.switched_at_row
+    # The new primary holds every logical change for a slot it does not
+    # have: status() says so instead of a plain "streaming".
+    held = wait_until(
+        lambda: (s := standby_status(standby))["state"] == "waiting"
+        and "synchronized_standby_slots" in (s["last_error"] or "") and s,
+        30, "status() to name the slot that holds every change")
+    print(f"\nstatus() after the promotion: {held['last_error']}")
+    assert "synchronized_standby_slots" in held["last_error"] and '"standby1" does not exist' in held["last_error"]
+    assert any("synchronized_standby_slots" in w for w in held["warnings"]), held["warnings"]
+    assert last_number(nats_server.url) < first_new, "the server held back no change"
+    standby.execute("ALTER SYSTEM RESET synchronized_standby_slots")
+    standby.execute("SELECT pg_reload_conf()")
+    cleared_at = time.monotonic()
     wait_until(lambda: last_number(nats_server.url) >= first_new, 60, "an event from the new primary", interval=0.05)
-    print(f"\npromotion to the first event from the new primary: {time.monotonic() - promoted_at:.2f} s "
+    print(f"\npromotion to the first event from the new primary: {time.monotonic() - promoted_at:.2f} s, "
+          f"{time.monotonic() - cleared_at:.2f} s after synchronized_standby_slots was cleared "
           f"(loader reconnected at row {first_new}, {loader.errors} failed attempts)")
+    wait_until(lambda: standby_status(standby)["state"] == "streaming", 30, "status() to say streaming again")
+    assert "in recovery" not in (standby_status(standby)["last_error"] or "")
     check_every_row_once_in_order(standby, nats_server.url, loader)
     # The filter version and its position were replicated: still in force.
     assert standby.execute("SELECT count(*) AS n FROM wal_listener.applied_versions") == [{"n": 1}]

@@ -137,6 +137,34 @@ mod tests {
         let old = PrimarySettings { version_num: 150_000, ..safe };
         assert!(primary_findings(&old, "s")[0].contains("PostgreSQL 15 has no failover slots"));
     }
+
+    fn slot(name: &str, physical: bool, active: bool, lost: bool) -> ServerSlot {
+        ServerSlot { name: name.into(), physical, active, lost }
+    }
+
+    #[test]
+    fn every_named_slot_must_be_a_physical_valid_slot_with_its_standby_on_it() {
+        let slots = [
+            slot("s1", true, true, false),
+            slot("idle", true, false, false),
+            slot("gone", true, false, true),
+            slot("wal_listener", false, true, false),
+        ];
+        assert_eq!(held_by_standby_slots("", &slots), None);
+        assert_eq!(held_by_standby_slots("s1", &slots), None);
+        assert_eq!(held_by_standby_slots(" s1 , \"s1\"", &slots), None);
+        let missing = held_by_standby_slots("standby1", &slots).unwrap();
+        assert!(
+            missing.starts_with("nothing is published: synchronized_standby_slots = 'standby1'"),
+            "{missing}"
+        );
+        assert!(missing.contains("slot \"standby1\" does not exist on this server"), "{missing}");
+        let all = held_by_standby_slots("s1,idle,gone,wal_listener", &slots).unwrap();
+        assert!(all.contains("no standby is connected to slot \"idle\""), "{all}");
+        assert!(all.contains("slot \"gone\" was invalidated"), "{all}");
+        assert!(all.contains("slot \"wal_listener\" is a logical slot"), "{all}");
+        assert!(!all.contains("\"s1\""), "{all}");
+    }
 }
 
 /// First PostgreSQL version with failover slots (`server_version_num`).
@@ -256,4 +284,42 @@ pub fn primary_findings(s: &PrimarySettings, slot: &str) -> Vec<String> {
         );
     }
     findings
+}
+
+/// A replication slot of this server, as `synchronized_standby_slots`
+/// needs the ones it names: physical, valid, and with a standby on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSlot {
+    pub name: String,
+    pub physical: bool,
+    pub active: bool,
+    /// `wal_status = 'lost'`: invalidated.
+    pub lost: bool,
+}
+
+/// Why the slots `synchronized_standby_slots` names hold back every logical
+/// change (PostgreSQL 17+ sends none until each named slot received it):
+/// a slot missing, logical, invalidated, or with no standby on it. `None`
+/// when they do not. The common case is a promoted standby that kept the
+/// old primary's setting, which names its own slot.
+pub fn held_by_standby_slots(setting: &str, slots: &[ServerSlot]) -> Option<String> {
+    let problems: Vec<String> = split_names(setting)
+        .into_iter()
+        .filter(|name| !name.is_empty())
+        .filter_map(|name| match slots.iter().find(|s| s.name == name) {
+            None => Some(format!("slot \"{name}\" does not exist on this server")),
+            Some(s) if !s.physical => Some(format!("slot \"{name}\" is a logical slot, not a standby's")),
+            Some(s) if s.lost => Some(format!("slot \"{name}\" was invalidated")),
+            Some(s) if !s.active => Some(format!("no standby is connected to slot \"{name}\"")),
+            Some(_) => None,
+        })
+        .collect();
+    (!problems.is_empty()).then(|| {
+        format!(
+            "nothing is published: synchronized_standby_slots = '{setting}' holds every logical change until \
+             each slot it names has received it, and {}. Set it to this server's standby slots, or to '' \
+             (after a promotion, the old primary's list names slots this server does not have)",
+            problems.join(", ")
+        )
+    })
 }

@@ -46,7 +46,8 @@ pub async fn run(config: watch::Receiver<PipelineConfig>, board: Arc<StatusBoard
                 if heartbeat {
                     last_heartbeat = Instant::now();
                 }
-                board.set_warnings(WarningSource::Postgres, checked.warnings);
+                board.set_warnings(WarningSource::Postgres, checked.audit.warnings);
+                board.set_held(checked.audit.held);
                 if let Some(line) =
                     checked.retention.and_then(|r| warning.check(&r, &cfg.source.slot, Instant::now()))
                 {

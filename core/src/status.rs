@@ -114,6 +114,12 @@ pub struct StatusBoard {
     /// When progress last woke the host (unix microseconds).
     last_progress_wake: AtomicI64,
     last_error: Mutex<Option<(String, i64)>>,
+    /// Whether `last_error` says why the worker waits (not an error): a
+    /// session that streams clears it.
+    last_error_is_waiting: AtomicBool,
+    /// Why the server sends no change although a session streams (see
+    /// `audit::held_by_standby_slots`): `status()` then says `waiting`.
+    held: Mutex<Option<(String, i64)>>,
     warnings: Mutex<Vec<(WarningSource, Vec<String>)>>,
     backfill: Mutex<Option<String>>,
     /// Whether a session holds the slot and streams (publishing or not).
@@ -137,6 +143,8 @@ impl StatusBoard {
             last_event_at: AtomicI64::new(0),
             last_progress_wake: AtomicI64::new(0),
             last_error: Mutex::new(None),
+            last_error_is_waiting: AtomicBool::new(false),
+            held: Mutex::new(None),
             warnings: Mutex::new(Vec::new()),
             backfill: Mutex::new(None),
             slot_active: AtomicBool::new(false),
@@ -149,10 +157,33 @@ impl StatusBoard {
         State::from_u8(self.state.load(Ordering::Relaxed))
     }
 
+    /// A session that starts streaming also ends the wait `last_error`
+    /// told of (e.g. "server is a standby" after a promotion).
     pub fn set_state(&self, state: State) {
+        if state == State::Streaming && self.last_error_is_waiting.swap(false, Ordering::Relaxed) {
+            *lock(&self.last_error) = None;
+        }
         if self.state.swap(state as u8, Ordering::Relaxed) != state as u8 {
             (self.wake_host)();
         }
+    }
+
+    /// Records (or clears, with `None`) why the server holds back every
+    /// change; logged when it changes.
+    pub fn set_held(&self, reason: Option<String>) {
+        let mut held = lock(&self.held);
+        if held.as_ref().map(|(shown, _)| shown) == reason.as_ref() {
+            return;
+        }
+        let line = match &reason {
+            Some(why) => (LogLevel::Warning, why.clone()),
+            None => {
+                (LogLevel::Info, "the server sends changes again (synchronized_standby_slots)".to_owned())
+            }
+        };
+        *held = reason.map(|why| (why, unix_micros_now()));
+        drop(held);
+        self.log(line.0, line.1);
     }
 
     pub fn set_nats_connected(&self, connected: bool) {
@@ -237,12 +268,20 @@ impl StatusBoard {
     /// Records an error for `status()` and logs it as a warning.
     pub fn report_error(&self, message: String) {
         *lock(&self.last_error) = Some((message.clone(), unix_micros_now()));
+        self.last_error_is_waiting.store(false, Ordering::Relaxed);
         self.log(LogLevel::Warning, message);
     }
 
-    /// Records why streaming cannot start yet, for `status()`, and logs it.
+    /// Shows why nothing flows; logged only when the reason changes, so a
+    /// wait that retries in a loop logs once.
     pub fn report_waiting(&self, reason: String) {
-        *lock(&self.last_error) = Some((reason.clone(), unix_micros_now()));
+        let mut last = lock(&self.last_error);
+        if last.as_ref().is_some_and(|(shown, _)| *shown == reason) {
+            return;
+        }
+        *last = Some((reason.clone(), unix_micros_now()));
+        self.last_error_is_waiting.store(true, Ordering::Relaxed);
+        drop(last);
         self.log(LogLevel::Info, reason);
     }
 
@@ -262,12 +301,18 @@ impl StatusBoard {
     }
 
     pub fn snapshot(&self) -> StatusSnapshot {
-        let (last_error, last_error_at) = match &*lock(&self.last_error) {
-            Some((message, at)) => (Some(message.clone()), *at),
-            None => (None, 0),
+        let mut state = self.state();
+        let held = lock(&self.held).clone();
+        let (last_error, last_error_at) = match (&held, &*lock(&self.last_error)) {
+            (Some((why, at)), _) if state == State::Streaming => {
+                state = State::Waiting;
+                (Some(why.clone()), *at)
+            }
+            (_, Some((message, at))) => (Some(message.clone()), *at),
+            (_, None) => (None, 0),
         };
         StatusSnapshot {
-            state: self.state(),
+            state,
             nats_connected: self.nats_connected.load(Ordering::Relaxed),
             events_published: self.events_published.load(Ordering::Relaxed),
             events_filtered: self.events_filtered.load(Ordering::Relaxed),
@@ -344,5 +389,37 @@ mod tests {
         board.set_confirmed_lsn(Lsn(10));
         board.set_confirmed_lsn(Lsn(5));
         assert_eq!(board.snapshot().confirmed_lsn, Lsn(10));
+    }
+
+    #[test]
+    fn a_wait_is_logged_once_and_ends_when_a_session_streams_but_an_error_stays() {
+        let board = StatusBoard::new(Box::new(|| {}));
+        for _ in 0..3 {
+            board.report_waiting("server is a standby".into());
+        }
+        assert_eq!(board.drain_log().len(), 1);
+        board.set_state(State::Waiting);
+        board.set_state(State::Streaming);
+        assert_eq!(board.snapshot().last_error, None);
+        board.report_error("boom".into());
+        board.set_state(State::Streaming);
+        assert_eq!(board.snapshot().last_error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn a_server_that_holds_changes_shows_waiting_with_the_reason_while_streaming() {
+        let board = StatusBoard::new(Box::new(|| {}));
+        board.set_state(State::Streaming);
+        board.set_held(Some("held".into()));
+        board.set_held(Some("held".into()));
+        let snap = board.snapshot();
+        assert_eq!((snap.state, snap.last_error.as_deref()), (State::Waiting, Some("held")));
+        board.set_state(State::Backoff);
+        assert_eq!(board.snapshot().state, State::Backoff);
+        board.set_state(State::Streaming);
+        board.set_held(None);
+        assert_eq!((board.snapshot().state, board.snapshot().last_error), (State::Streaming, None));
+        let levels: Vec<LogLevel> = board.drain_log().into_iter().map(|l| l.level).collect();
+        assert_eq!(levels, vec![LogLevel::Warning, LogLevel::Info]);
     }
 }

@@ -22,6 +22,9 @@ use streamer::{BackfillLink, Start, Streamer};
 
 /// How long to wait before checking again when streaming cannot start yet.
 const NOT_READY_RETRY: Duration = Duration::from_secs(2);
+/// First pause when the extension's transaction arrives again but is not
+/// visible yet (its commit record is decoded before it is visible).
+const CREATED_RETRY_FIRST: Duration = Duration::from_millis(10);
 
 /// What the host may ask of a running pipeline.
 #[derive(Default, Clone)]
@@ -46,6 +49,7 @@ pub async fn run_supervised(
     let slot_watch = tokio::spawn(slot_watch::run(config.clone(), board.clone()));
     let mut delay: Option<Duration> = None;
     let mut waiting_reason: Option<String> = None;
+    let mut created_retry: Option<Duration> = None;
     while !*shutdown.borrow() {
         let cfg = config.borrow_and_update().clone();
         #[cfg(feature = "fault-injection")]
@@ -82,8 +86,22 @@ pub async fn run_supervised(
             }
         };
         let pause = match outcome {
-            Ok(()) => continue,
+            // The extension's transaction arrived: publish at once, unless
+            // it did last time too (it is not visible yet), then after a
+            // growing pause rather than a session per millisecond.
+            Ok(()) => {
+                let next = match created_retry {
+                    None => {
+                        created_retry = Some(CREATED_RETRY_FIRST);
+                        continue;
+                    }
+                    Some(d) => d,
+                };
+                created_retry = Some((next * 2).min(cfg.max_backoff));
+                next
+            }
             Err(OpenError::NotReady { reason, warnings }) => {
+                created_retry = None;
                 board.set_warnings(WarningSource::Postgres, warnings);
                 board.set_state(State::Waiting);
                 if waiting_reason.as_ref() != Some(&reason) {
@@ -99,6 +117,7 @@ pub async fn run_supervised(
             }
             Err(OpenError::Failed(error)) => {
                 waiting_reason = None;
+                created_retry = None;
                 // A session that streamed for a while earns a fresh, short delay.
                 let next = match delay {
                     Some(d) if started.elapsed() < cfg.max_backoff => (d * 2).min(cfg.max_backoff),
@@ -154,12 +173,18 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
                  every change committed from CREATE EXTENSION on will be published",
                 cfg.source.database, cfg.source.slot
             ));
-            return before_extension::skip_until_created(session.client, session.start_lsn, &board)
-                .await
-                .map_err(OpenError::Failed);
+            return before_extension::skip_until_created(
+                session.client,
+                session.start_lsn,
+                &cfg.source,
+                &board,
+            )
+            .await
+            .map_err(OpenError::Failed);
         }
         Capture::Publishing { from, filters } => {
             let publisher = Publisher::connect(&cfg.publish, &board).await?;
+            board.set_held(session.held);
             board.set_state(State::Streaming);
             board.log(
                 LogLevel::Info,

@@ -48,6 +48,8 @@ pub struct Session {
     pub capture: Capture,
     /// Setup findings for `status().warnings` (see [`crate::audit`]).
     pub warnings: Vec<String>,
+    /// Why the server holds back every change, if it does.
+    pub held: Option<String>,
 }
 
 /// What the session does with the changes it receives.
@@ -122,6 +124,7 @@ pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {
         start_lsn,
         capture,
         warnings: prepared.warnings,
+        held: prepared.held,
     })
 }
 
@@ -130,6 +133,7 @@ struct Prepared {
     system_identifier: u64,
     extension_installed: bool,
     warnings: Vec<String>,
+    held: Option<String>,
 }
 
 /// Checks the server and creates what is missing, on the session that then streams.
@@ -182,14 +186,14 @@ async fn prepare(sql: &mut Sql, cfg: &SourceConfig) -> Result<Prepared, OpenErro
     if ensured.created && extension_installed {
         config_store::reset_for_new_slot(sql).await?;
     }
-    let warnings = primary_audit(sql, cfg).await?;
-    Ok(Prepared { system_identifier, extension_installed, warnings })
+    let PrimaryAudit { warnings, held } = primary_audit(sql, cfg).await?;
+    Ok(Prepared { system_identifier, extension_installed, warnings, held })
 }
 
 /// The setup audit of a primary: settings that make commits wait for NATS
 /// or a failover unsafe. Run at each session start and by the slot watch,
 /// so that a setting changed later shows up within seconds.
-pub async fn primary_audit(sql: &mut Sql, cfg: &SourceConfig) -> Result<Vec<String>, Error> {
+pub async fn primary_audit(sql: &mut Sql, cfg: &SourceConfig) -> Result<PrimaryAudit, Error> {
     let rows = sql
         .rows(&format!(
             "SELECT current_setting('server_version_num'), current_setting('synchronous_standby_names'), \
@@ -211,7 +215,40 @@ pub async fn primary_audit(sql: &mut Sql, cfg: &SourceConfig) -> Result<Vec<Stri
         has_standbys: text(3) == "true",
     };
     findings.extend(audit::primary_findings(&settings, &cfg.slot));
-    Ok(findings)
+    let held = if settings.version_num >= audit::FAILOVER_SLOTS_VERSION
+        && !settings.synchronized_standby_slots.trim().is_empty()
+    {
+        let slots = sql
+            .rows(
+                "SELECT slot_name, slot_type, active::text, coalesce(wal_status, '') FROM pg_replication_slots",
+            )
+            .await?
+            .into_iter()
+            .map(|row| {
+                let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+                audit::ServerSlot {
+                    name: text(0),
+                    physical: text(1) == "physical",
+                    active: text(2) == "true",
+                    lost: text(3) == "lost",
+                }
+            })
+            .collect::<Vec<_>>();
+        audit::held_by_standby_slots(&settings.synchronized_standby_slots, &slots)
+    } else {
+        None
+    };
+    findings.extend(held.clone());
+    Ok(PrimaryAudit { warnings: findings, held })
+}
+
+/// What [`primary_audit`] found.
+pub struct PrimaryAudit {
+    /// For `status().warnings`.
+    pub warnings: Vec<String>,
+    /// Why the server sends no logical change at all, when it holds them
+    /// back (see [`audit::held_by_standby_slots`]).
+    pub held: Option<String>,
 }
 
 /// What makes a promotion of this standby unsafe for the worker.

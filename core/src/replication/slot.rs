@@ -123,7 +123,7 @@ pub struct Checked {
     /// `None` while the slot does not exist.
     pub retention: Option<SlotRetention>,
     /// The primary's setup audit.
-    pub warnings: Vec<String>,
+    pub audit: crate::replication::PrimaryAudit,
 }
 
 /// Reads the slot's WAL retention and the setup audit and, with
@@ -131,7 +131,7 @@ pub struct Checked {
 /// slot has something of this database to move past. One short session.
 pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Checked, Error> {
     let mut sql = Sql::side(cfg).await?;
-    let warnings = crate::replication::primary_audit(&mut sql, cfg).await?;
+    let audit = crate::replication::primary_audit(&mut sql, cfg).await?;
     if heartbeat {
         sql.execute(&format!(
             "SELECT pg_logical_emit_message(false, {}, '')",
@@ -153,5 +153,5 @@ pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Checked, Error
             limit_bytes: number(1).filter(|&limit| limit >= 0).map(|limit| limit as u64),
         }
     });
-    Ok(Checked { retention, warnings })
+    Ok(Checked { retention, audit })
 }
