@@ -22,8 +22,9 @@ use streamer::{BackfillLink, Start, Streamer};
 
 /// How long to wait before checking again when streaming cannot start yet.
 const NOT_READY_RETRY: Duration = Duration::from_secs(2);
-/// First pause when the extension's transaction arrives again but is not
-/// visible yet (its commit record is decoded before it is visible).
+/// First pause when the extension's transaction arrives again and still
+/// cannot be seen (see `before_extension`: rows of its own, and a commit
+/// waiting for this worker as synchronous standby).
 const CREATED_RETRY_FIRST: Duration = Duration::from_millis(10);
 
 /// What the host may ask of a running pipeline.
@@ -87,7 +88,7 @@ pub async fn run_supervised(
         };
         let pause = match outcome {
             // The extension's transaction arrived: publish at once, unless
-            // it did last time too (it is not visible yet), then after a
+            // it did last time too (it could not be seen), then after a
             // growing pause rather than a session per millisecond.
             Ok(()) => {
                 let next = match created_retry {
