@@ -26,6 +26,8 @@ from psycopg.rows import dict_row
 VENV = Path(os.environ.get("WL_VENV", "/opt/wal_listener/venv"))
 EVENT_SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "schema" / "event.schema.json").read_text())
 EVENT_VALIDATOR = jsonschema.Draft202012Validator(EVENT_SCHEMA)
+END_VALIDATOR = jsonschema.Draft202012Validator(
+    json.loads((Path(__file__).resolve().parent.parent / "schema" / "transaction-end.schema.json").read_text()))
 
 
 def pg_bindir(version: str) -> Path:
@@ -294,7 +296,7 @@ def wait_for_count(url: str, expected: int, stream: str = "wal_listener", timeou
 
 class Event:
     """One stored message: subject, headers and the decoded JSON body, which
-    must match schema/event.schema.json."""
+    must match schema/event.schema.json (an END event: transaction-end.schema.json)."""
 
     def __init__(self, subject: str, headers: dict, body: bytes, stored_at=None):
         self.subject = subject
@@ -302,7 +304,7 @@ class Event:
         self.stored_at = stored_at
         self.raw = body
         self.body = json.loads(body)
-        EVENT_VALIDATOR.validate(self.body)
+        (END_VALIDATOR if self.body.get("action") == "END" else EVENT_VALIDATOR).validate(self.body)
 
     def __repr__(self):
         return f"Event({self.subject}, {self.body})"

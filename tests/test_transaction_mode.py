@@ -1,6 +1,7 @@
 """publish_mode = transaction: whole transactions as JetStream atomic
-batches (nats-server 2.12+; the tests run 2.15), so a consumer never sees
-part of one; small transactions share batches; crashes lose nothing and
+batches (nats-server 2.12+; the tests run 2.15), so the stream never holds
+part of one, and END events that tell a live consumer when it holds a whole
+one (in either mode); small transactions share batches; crashes lose nothing and
 store nothing twice; a transaction too large for one batch goes one event
 at a time."""
 
@@ -47,23 +48,53 @@ class TransactionLoader(threading.Thread):
 
 
 class PartialWatcher(threading.Thread):
-    """A pull consumer that reads while the load runs. Each time it has read
-    up to the stream's last message (the stream's last sequence, read after
-    the fetch, equals the last one delivered), every transaction it has seen
-    must be whole; `partials` counts the times one was not."""
+    """A pull consumer that reads while the load runs, as a service would.
+
+    - Live: at each delivery it notes `num_pending`. `live_partials` counts
+      deliveries after which the server had nothing pending for it while it
+      held part of a transaction: a batch is stored message by message, so
+      even in transaction mode a live consumer can (README).
+    - Stored: each time it has read up to the stream's last message (the
+      last sequence, read after the fetch, equals the last delivered), every
+      transaction it has seen must be whole; `stored_partials` counts the
+      times one was not (none in transaction mode).
+    - END events: each must find every event it counts delivered before it;
+      `early_ends` counts those that did not."""
 
     def __init__(self, url: str):
         super().__init__(daemon=True)
         self.url = url
-        self.partials = 0
-        self.checks = 0
+        self.stored_partials = self.checks = 0
+        self.live_partials = self.caught_up = 0
+        self.ends: dict[str, dict] = {}
+        self.early_ends = 0
         self.seen: dict[int, set[int]] = {}
         self.sizes: dict[int, int] = {}
+        self.by_lsn: dict[str, dict[str, int]] = {}
         self.stopped = threading.Event()
         self.start()
 
     def run(self):
         asyncio.run(self._watch())
+
+    def partial(self) -> bool:
+        return any(len(rows) != self.sizes[t] for t, rows in self.seen.items())
+
+    def take(self, msg):
+        body = json.loads(msg.data)
+        if body["action"] == "END":
+            self.ends[body["lsn"]] = body
+            if self.by_lsn.get(body["lsn"]) != body["subjects"]:
+                self.early_ends += 1
+        else:
+            data = body["data"]
+            self.seen.setdefault(data["t"], set()).add(data["i"])
+            self.sizes[data["t"]] = data["size"]
+            counts = self.by_lsn.setdefault(body["lsn"], {})
+            counts[msg.subject] = counts.get(msg.subject, 0) + 1
+        if msg.metadata.num_pending == 0:
+            self.caught_up += 1
+            self.live_partials += self.partial()
 
     async def _watch(self):
         nc = await nats.connect(self.url)
@@ -84,16 +115,13 @@ class PartialWatcher(threading.Thread):
             except nats.errors.TimeoutError:
                 msgs = []
             for msg in msgs:
-                data = json.loads(msg.data)["data"]
-                self.seen.setdefault(data["t"], set()).add(data["i"])
-                self.sizes[data["t"]] = data["size"]
+                self.take(msg)
                 delivered = msg.metadata.sequence.stream
                 await msg.ack()
             if delivered and (await js.stream_info("wal_listener")).state.last_seq == delivered:
                 # Everything the stream holds is read: what we saw must be whole.
                 self.checks += 1
-                if any(len(rows) != self.sizes[t] for t, rows in self.seen.items()):
-                    self.partials += 1
+                self.stored_partials += self.partial()
         await nc.close()
 
     def stop(self):
@@ -101,13 +129,14 @@ class PartialWatcher(threading.Thread):
         self.join(30)
 
 
-def check_every_transaction_whole_and_once(cluster, url: str, transactions: int):
+def check_every_transaction_whole_and_once(cluster, url: str, transactions: int, end_events: bool = False):
     table = cluster.execute("SELECT t, count(*) AS n, max(size) AS size FROM tx GROUP BY t ORDER BY t")
     assert [r["t"] for r in table] == list(range(1, transactions + 1))
     rows = sum(r["n"] for r in table)
-    wait_until(lambda: stream_count(url) >= rows, 180, f"{rows} events", interval=0.5)
+    stored = rows + (transactions if end_events else 0)
+    wait_until(lambda: stream_count(url) >= stored, 180, f"{stored} events", interval=0.5)
     time.sleep(2)
-    bodies = event_bodies(url)
+    bodies = [b for b in event_bodies(url) if b["action"] != "END"]
     keys = [(b["data"]["t"], b["data"]["i"]) for b in bodies]
     assert len(keys) == len(set(keys)), "an event stored twice"
     assert len(keys) == rows, "lost events"
@@ -126,8 +155,8 @@ def transactional(make_cluster, nats_server):
 
 
 @pytest.mark.parametrize("mode", ["transaction", "event"])
-def test_a_consumer_never_sees_part_of_a_transaction(make_cluster, nats_server, mode):
-    cluster = make_cluster(publish_mode=mode)
+def test_an_end_event_tells_a_live_consumer_when_it_holds_a_whole_transaction(make_cluster, nats_server, mode):
+    cluster = make_cluster(publish_mode=mode, transaction_end_events="on")
     cluster.execute("CREATE EXTENSION wal_listener")
     cluster.wait_for_state("streaming", timeout=60)
     cluster.execute("CREATE TABLE tx (t int, i int, size int, PRIMARY KEY (t, i))")
@@ -135,20 +164,42 @@ def test_a_consumer_never_sees_part_of_a_transaction(make_cluster, nats_server, 
     loader = TransactionLoader(cluster, 400, max_rows=60, pause=0.01)
     loader.start()
     loader.join(240)
-    wait_until(lambda: stream_count(nats_server.url) >= cluster.execute("SELECT count(*) AS n FROM tx")[0]["n"], 120,
-               "every event")
+    rows = cluster.execute("SELECT count(*) AS n FROM tx")[0]["n"]
+    wait_until(lambda: stream_count(nats_server.url) >= rows + 400, 120, "every event and END")
     time.sleep(1)
     watcher.stop()
-    print(f"\npublish_mode = {mode}: the consumer caught up {watcher.checks} times and saw part of a "
-          f"transaction {watcher.partials} times")
+    print(f"\npublish_mode = {mode}: at num_pending = 0 the consumer held part of a transaction "
+          f"{watcher.live_partials} times out of {watcher.caught_up}; having read all the stream stored, "
+          f"{watcher.stored_partials} times out of {watcher.checks}; END events before their last event: "
+          f"{watcher.early_ends} of {len(watcher.ends)}")
+    # Every END came after all it counts, and counts what the table has.
+    assert watcher.early_ends == 0
+    sizes = {r["t"]: r["n"] for r in cluster.execute("SELECT t, count(*) AS n FROM tx GROUP BY t")}
+    assert len(watcher.ends) == 400
+    by_lsn = {lsn: counts["wal_listener.public_tx"] for lsn, counts in watcher.by_lsn.items()}
+    assert sorted(by_lsn[lsn] for lsn in watcher.ends) == sorted(sizes.values())
+    assert all(end["events"] == by_lsn[lsn] for lsn, end in watcher.ends.items())
     if mode == "transaction":
         assert watcher.checks > 20
-        assert watcher.partials == 0
+        assert watcher.stored_partials == 0
         assert cluster.status()["transactions_unbatched"] == 0
-    check_every_transaction_whole_and_once(cluster, nats_server.url, 400)
+    check_every_transaction_whole_and_once(cluster, nats_server.url, 400, end_events=True)
+    stored = stored_events(nats_server.url)
+    ends = [(headers, body) for headers, body in stored if body["action"] == "END"]
+    assert all(h["Nats-Msg-Id"] == b["id"] for h, b in ends)
+    # Stream order: each END right after its transaction's last event.
+    actions = [(b["lsn"], b["action"]) for _, b in stored]
+    for (lsn, action), following in zip(actions, actions[1:]):
+        if action != "END" and following[0] != lsn:
+            assert following == (lsn, "END")
+    assert actions[-1][1] == "END"
 
 
 def test_kill_9_of_the_worker_and_of_nats_mid_batch_loses_and_duplicates_nothing(transactional, nats_server):
+    # With END events too: replayed, they are dropped as duplicates like the rest.
+    transactional.set(transaction_end_events="on")
+    wait_until(lambda: "configuration changed; reconnecting" in transactional.log(), 30, "the new setting")
+    transactional.wait_for_state("streaming", timeout=60)
     loader = TransactionLoader(transactional, 600, max_rows=40)
     loader.start()
     wait_until(lambda: loader.committed >= 150, 120, "150 transactions")
@@ -158,7 +209,10 @@ def test_kill_9_of_the_worker_and_of_nats_mid_batch_loses_and_duplicates_nothing
     time.sleep(2)
     nats_server.start()
     loader.join(240)
-    check_every_transaction_whole_and_once(transactional, nats_server.url, 600)
+    check_every_transaction_whole_and_once(transactional, nats_server.url, 600, end_events=True)
+    ends = [b for b in event_bodies(nats_server.url) if b["action"] == "END"]
+    assert sorted(e["events"] for e in ends) == sorted(
+        r["n"] for r in transactional.execute("SELECT count(*) AS n FROM tx GROUP BY t")), "END events lost or twice"
     replays = [line for line in transactional.log().splitlines() if "holds an event JetStream stored before" in line]
     print(f"\nreplayed batches refused as duplicates (then sent again one event at a time): {len(replays)}")
 

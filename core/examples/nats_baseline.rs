@@ -66,6 +66,7 @@ async fn main() {
         max_in_flight_bytes: usize::MAX,
         stream_replicas: 1,
         publish_mode: Default::default(),
+        transaction_end_events: false,
         auth: Default::default(),
         tls: Default::default(),
         oversize_policy: Default::default(),

@@ -36,6 +36,9 @@ pub struct PublishConfig {
     /// Replicas of the stream the worker creates (3 on a NATS cluster).
     pub stream_replicas: usize,
     pub publish_mode: PublishMode,
+    /// After each transaction's events, an END event on
+    /// `<topic>.<topic_prefix>_transaction` with their counts.
+    pub transaction_end_events: bool,
     pub auth: NatsAuth,
     pub tls: NatsTls,
     pub oversize_policy: OversizePolicy,

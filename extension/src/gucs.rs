@@ -37,6 +37,7 @@ static OVERSIZE_POLICY: GucSetting<OversizeSetting> =
     GucSetting::<OversizeSetting>::new(OversizeSetting::Error);
 static PUBLISH_MODE: GucSetting<PublishModeSetting> =
     GucSetting::<PublishModeSetting>::new(PublishModeSetting::Event);
+static TRANSACTION_END_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static HEARTBEAT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 #[cfg(feature = "fault-injection")]
 static INJECT_FAULT: GucSetting<FaultSetting> = GucSetting::<FaultSetting>::new(FaultSetting::None);
@@ -248,6 +249,14 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"wal_listener.transaction_end_events",
+        c"After each transaction's events, publish an END event with their counts on <topic>.<topic_prefix>_transaction.",
+        c"A consumer that has every event an END counts holds the whole transaction.",
+        &TRANSACTION_END_EVENTS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"wal_listener.heartbeat_interval",
         c"How often the worker writes a heartbeat into the WAL so the slot advances in quiet databases; 0 turns it off.",
@@ -343,6 +352,7 @@ fn publish_config() -> PublishConfig {
             PublishModeSetting::Event => PublishMode::Event,
             PublishModeSetting::Transaction => PublishMode::Transaction,
         },
+        transaction_end_events: TRANSACTION_END_EVENTS.get(),
         auth: NatsAuth {
             user: text(&NATS_USER),
             password: text(&NATS_PASSWORD),

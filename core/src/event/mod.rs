@@ -339,6 +339,44 @@ fn qualified_name(relation: &Relation) -> String {
     format!("{}.{}", relation.namespace, relation.name)
 }
 
+/// The ordinal in the id of a transaction's END event: after any change
+/// (no transaction has 2^32 - 1 of them), so a replay gives the same id.
+pub const END_ORDINAL: u32 = u32::MAX;
+
+/// The subject of END events, `<topic>.<topic_prefix>_transaction`: no
+/// table's default subject, as a schema name is never empty.
+pub fn end_subject(topic: &str, topic_prefix: &str) -> String {
+    format!("{topic}.{topic_prefix}_transaction")
+}
+
+/// A transaction's END event (`wal_listener.transaction_end_events`): how
+/// many events it published, in all and per subject, so that a consumer
+/// knows when it holds all of them. `subjects` in the order to write.
+pub fn encode_end(out: &mut Vec<u8>, id: &str, position: &Position, subjects: &[(&str, u32)]) {
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\",\"action\":\"END\",\"commitTime\":\"");
+    time::write_rfc3339_utc(out, position.commit_time);
+    out.extend_from_slice(b"\",\"lsn\":\"");
+    json::write_upper_hex(out, (position.commit_lsn.0 >> 32) as u32);
+    out.push(b'/');
+    json::write_upper_hex(out, position.commit_lsn.0 as u32);
+    out.extend_from_slice(b"\",\"xid\":");
+    json::write_decimal(out, u64::from(position.xid), 0);
+    out.extend_from_slice(b",\"events\":");
+    json::write_decimal(out, subjects.iter().map(|(_, n)| u64::from(*n)).sum(), 0);
+    out.extend_from_slice(b",\"subjects\":{");
+    for (index, (subject, n)) in subjects.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        json::write_str(out, subject);
+        out.push(b':');
+        json::write_decimal(out, u64::from(*n), 0);
+    }
+    out.extend_from_slice(b"}}");
+}
+
 /// Builds `<topic>.<topic_prefix><schema>_<table>`, as wal-listener does.
 /// In schema and table names, characters that NATS does not allow inside a
 /// subject token (`.`, `*`, `>`, whitespace) become `_`, so any table name

@@ -163,3 +163,18 @@ fn describe_row_names_the_key_of_the_new_or_old_row() {
         RowChange { relation: &relation, kinds: &kinds, action: Action::Truncate, new: None, old: None };
     assert_eq!(describe_row(&change), "public.users (no key)");
 }
+
+#[test]
+fn end_event_counts_events_in_all_and_per_subject() {
+    let position = Position { commit_lsn: Lsn(0x1_0000_00A0), commit_time: 0, xid: 7, ordinal: END_ORDINAL };
+    let mut out = Vec::new();
+    encode_end(&mut out, "i", &position, &[("wal_listener.public_a", 2), ("wal_listener.public_b\"", 1)]);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        r#"{"id":"i","action":"END","commitTime":"2000-01-01T00:00:00.000000Z","lsn":"1/A0","xid":7,"events":3,"subjects":{"wal_listener.public_a":2,"wal_listener.public_b\"":1}}"#
+    );
+    assert_eq!(end_subject("wal_listener", ""), "wal_listener._transaction");
+    assert_eq!(end_subject("t", "p_"), "t.p__transaction");
+    let ids = EventIds::new(1, "wal_listener");
+    assert_ne!(ids.id(Lsn(5), END_ORDINAL), ids.id(Lsn(5), 0));
+}

@@ -20,8 +20,8 @@ use crate::ack_tracker::AckTracker;
 use crate::config::PublishMode;
 use crate::config::{OversizePolicy, PipelineConfig, SourceConfig};
 use crate::event::{
-    default_subject, describe_row, encode_event, Action, EventIds, Position, RowChange, TypeCatalog,
-    ValueKind,
+    default_subject, describe_row, encode_end, encode_event, end_subject, Action, EventIds, Position,
+    RowChange, TypeCatalog, ValueKind, END_ORDINAL,
 };
 use crate::filters::{Decision, FilterChange, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
@@ -75,6 +75,8 @@ struct Transaction {
     /// `publish_mode = transaction`, and this transaction goes one event at a
     /// time: why (logged once), or a replay after a refused batch (`None`).
     unbatched: Option<Option<crate::publish::batch::Fallback>>,
+    /// Events published (or held for a batch) per route, for its END event.
+    published: Vec<(Arc<Route>, u32)>,
 }
 
 pub struct Streamer {
@@ -106,6 +108,9 @@ pub struct Streamer {
     read_ahead: ReadAhead,
     backfill: Option<BackfillState>,
     publish_mode: PublishMode,
+    transaction_end_events: bool,
+    /// Where END events go, as read at connect (cleared with `routes`).
+    end_route: Option<Arc<Route>>,
     /// Events held for the next atomic batch.
     batch: TransactionBatch<Arc<Route>>,
     batch_limits: Limits,
@@ -156,6 +161,8 @@ impl Streamer {
             read_ahead: ReadAhead::new(max_in_flight_bytes / 4),
             backfill: start.backfill.map(BackfillState::new),
             publish_mode: cfg.publish.publish_mode,
+            transaction_end_events: cfg.publish.transaction_end_events,
+            end_route: None,
             batch: TransactionBatch::default(),
             batch_limits: Limits::new(
                 cfg.publish.max_in_flight.max(1),
@@ -284,11 +291,15 @@ impl Streamer {
             next_ordinal: 0,
             before_capture,
             config_messages: Vec::new(),
+            published: Vec::new(),
             unbatched,
         });
     }
 
     async fn commit(&mut self, end_lsn: Lsn) -> Result<(), Error> {
+        if self.transaction_end_events {
+            self.publish_end().await?;
+        }
         let transaction = self.transaction.take();
         if let Some(transaction) = &transaction {
             self.batch.commit(transaction.begin.final_lsn);
@@ -377,6 +388,7 @@ impl Streamer {
         self.filters = filters;
         self.filter_version = version;
         self.routes.clear();
+        self.end_route = None;
         self.board.log(
             LogLevel::Info,
             format!(
@@ -396,7 +408,11 @@ impl Streamer {
         }
         let probe = default_subject_probe(&self.topic, &self.topic_prefix);
         let default = format!("the default subjects {}.{}<schema>_<table>", self.topic, self.topic_prefix);
-        let subjects = std::iter::once((probe.as_str(), default.as_str())).chain(self.filters.subjects());
+        let end = end_subject(&self.topic, &self.topic_prefix);
+        let end_events = self.transaction_end_events.then_some((end.as_str(), "the END events"));
+        let subjects = std::iter::once((probe.as_str(), default.as_str()))
+            .chain(end_events)
+            .chain(self.filters.subjects());
         let streams = self.publisher.streams();
         let subjects: Vec<(&str, &str)> = subjects.collect();
         if let Some(refusal) = streams.refusal(subjects.iter().map(|(subject, _)| *subject)) {
@@ -503,34 +519,103 @@ impl Streamer {
             relation,
             subject_override,
         );
+        // The row is named now, while it is at hand, in case it is too large.
+        let row = (body.len() + 1024 > self.batch_limits.max_payload).then(|| describe_row(&change));
+        let id = id.to_owned();
+        self.publish_one(route, id, body, row, position.commit_lsn).await
+    }
+
+    /// Publishes an event of the current transaction (held for its batch in
+    /// `publish_mode = transaction`) and counts it for the END event;
+    /// `row` names its row for the error when it is too large.
+    async fn publish_one(
+        &mut self,
+        route: Arc<Route>,
+        id: String,
+        body: Vec<u8>,
+        row: Option<String>,
+        commit_lsn: Lsn,
+    ) -> Result<(), Error> {
+        let counted = route.clone();
         if self.publish_mode == PublishMode::Transaction {
-            // The row is named now, while it is at hand, in case it is too large.
-            let row = (body.len() + 1024 > self.batch_limits.max_payload).then(|| describe_row(&change));
-            let commit_lsn = position.commit_lsn;
-            let held = Held { route, id: id.to_owned(), body: Bytes::from(body) };
-            let Some(held) = self.hold(held).await? else { return Ok(()) };
-            let sent = send(&mut self.tracker, &self.publisher, held.route, &held.id, held.body).await?;
-            let what = match (&sent, row) {
-                (Sent::TooLarge(_), Some(row)) => {
-                    format!("event {} for {row} in the transaction committed at {commit_lsn}", held.id)
-                }
-                (Sent::TooLarge(_), None) => {
-                    format!("event {} in the transaction committed at {commit_lsn}", held.id)
-                }
-                (Sent::Published, _) => String::new(),
+            let held = Held { route, id, body: Bytes::from(body) };
+            let Some(held) = self.hold(held).await? else {
+                self.count_for_end(counted);
+                return Ok(());
             };
-            return self.after_send(sent, what).await;
+            let sent = send(&mut self.tracker, &self.publisher, held.route, &held.id, held.body).await?;
+            return self.sent_one(sent, counted, &held.id, row, commit_lsn).await;
         }
-        let sent = send(&mut self.tracker, &self.publisher, route, id, Bytes::from(body)).await?;
-        let what = match sent {
-            Sent::TooLarge(_) => format!(
-                "event {id} for {} in the transaction committed at {}",
-                describe_row(&change),
-                position.commit_lsn
-            ),
-            Sent::Published => String::new(),
+        let sent = send(&mut self.tracker, &self.publisher, route, &id, Bytes::from(body)).await?;
+        self.sent_one(sent, counted, &id, row, commit_lsn).await
+    }
+
+    /// Counts a sent event for its transaction's END, or handles one too large.
+    async fn sent_one(
+        &mut self,
+        sent: Sent,
+        route: Arc<Route>,
+        id: &str,
+        row: Option<String>,
+        commit_lsn: Lsn,
+    ) -> Result<(), Error> {
+        if let Sent::Published = sent {
+            self.count_for_end(route);
+            return Ok(());
+        }
+        let what = match row {
+            Some(row) => format!("event {id} for {row} in the transaction committed at {commit_lsn}"),
+            None => format!("event {id} in the transaction committed at {commit_lsn}"),
         };
         self.after_send(sent, what).await
+    }
+
+    fn count_for_end(&mut self, route: Arc<Route>) {
+        if !self.transaction_end_events {
+            return;
+        }
+        if let Some(transaction) = self.transaction.as_mut() {
+            match transaction.published.iter_mut().find(|(r, _)| r.subject == route.subject) {
+                Some((_, n)) => *n += 1,
+                None => transaction.published.push((route, 1)),
+            }
+        }
+    }
+
+    /// The END event of the transaction being committed: after its last
+    /// event, in the same batch in `publish_mode = transaction`.
+    async fn publish_end(&mut self) -> Result<(), Error> {
+        let Some(transaction) = self.transaction.as_mut() else { return Ok(()) };
+        if transaction.published.is_empty() {
+            return Ok(());
+        }
+        let mut published = std::mem::take(&mut transaction.published);
+        published.sort_by(|(a, _), (b, _)| a.subject.as_str().cmp(b.subject.as_str()));
+        let begin = &transaction.begin;
+        let position = Position {
+            commit_lsn: begin.final_lsn,
+            commit_time: begin.commit_time,
+            xid: begin.xid,
+            ordinal: END_ORDINAL,
+        };
+        let mut id_buf = [0u8; 36];
+        let id = self.ids.id_text(position.commit_lsn, END_ORDINAL, &mut id_buf).to_owned();
+        let counts: Vec<(&str, u32)> = published.iter().map(|(r, n)| (r.subject.as_str(), *n)).collect();
+        let mut body = Vec::with_capacity(160 + 48 * counts.len());
+        encode_end(&mut body, &id, &position, &counts);
+        let route = self.end_route();
+        self.publish_one(route, id, body, Some("the END event".to_owned()), position.commit_lsn).await
+    }
+
+    fn end_route(&mut self) -> Arc<Route> {
+        if let Some(route) = &self.end_route {
+            return route.clone();
+        }
+        let subject = end_subject(&self.topic, &self.topic_prefix);
+        let stream = self.publisher.stream_for(&subject);
+        let route = Arc::new(Route { subject: Subject::from(subject), stream });
+        self.end_route = Some(route.clone());
+        route
     }
 
     /// Counts an event too large for NATS, as `oversize_policy` says:
