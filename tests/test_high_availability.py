@@ -3,6 +3,7 @@ PostgreSQL 17+) and a NATS cluster losing its stream leader, then its
 quorum. Every committed row arrives once, in commit order."""
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ import psycopg
 import pytest
 
 from conftest import PG_VERSION
-from harness import NatsCluster, Postgres, inserted_numbers, last_number, stream_count, wait_until
+from harness import NatsCluster, Postgres, inserted_numbers, last_number, read_stream, stream_count, wait_until
 
 FAILOVER_SLOTS = int(PG_VERSION) >= 17
 
@@ -161,6 +162,58 @@ def test_failover_to_the_standby_loses_and_duplicates_nothing(primary_and_standb
     check_every_row_once_in_order(standby, nats_server.url, loader)
     # The filter version and its position were replicated: still in force.
     assert standby.execute("SELECT count(*) AS n FROM wal_listener.applied_versions") == [{"n": 1}]
+
+
+def lsn_at_least(server: Postgres, query: str, lsn: str) -> bool:
+    rows = server.execute(f"SELECT ({query}) >= %s::pg_lsn AS past", (lsn,))
+    return bool(rows and rows[0]["past"])
+
+
+@pytest.mark.skipif(not FAILOVER_SLOTS, reason="failover slots need PostgreSQL 17 or later")
+def test_a_promotion_between_a_filter_change_and_its_record_keeps_the_new_filters(primary_and_standby, nats_server):
+    # The worker records where a filter version took effect (applied_versions)
+    # in a transaction of its own, after the change's commit. A standby that
+    # has the change but not the record must not get a slot past the change:
+    # promoted, it would stream on with the version before.
+    primary, standby = primary_and_standby
+    primary.execute("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
+    primary.execute("SELECT pg_reload_conf()")
+    primary.set(inject_fault="slow_filter_record")
+    wait_until(lambda: "configuration changed; reconnecting" in primary.log(), 30, "the fault to be set")
+    primary.wait_for_state("streaming", timeout=60)
+    wait_until(
+        lambda: standby.execute(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'wal_listener' AND synced AND NOT temporary"),
+        90,
+        "the slot to be synced to the standby",
+    )
+    primary.execute("SELECT wal_listener.add_filter('load', subject => 'wal_listener.moved')")
+    changed_at = primary.execute("SELECT pg_current_wal_lsn()::text AS l")[0]["l"]
+    # The worker has the change (so the standby has it), and waits 5 s before recording it.
+    wait_until(lambda: "pausing 5 s before recording filters version 1" in primary.log(), 30, "the change to arrive")
+    receiver = standby.execute("SELECT pid FROM pg_stat_wal_receiver")[0]["pid"]
+    os.kill(receiver, signal.SIGSTOP)
+    try:
+        wait_until(lambda: "filters version 1 in force" in primary.log(), 30, "the record")
+        slot = "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'wal_listener'"
+        # Before the fix the worker confirmed past the change at once, and the
+        # standby's slot sync copied that; now it must not happen at all.
+        try:
+            wait_until(lambda: lsn_at_least(primary, slot, changed_at), 8, "a confirm past the change")
+            wait_until(lambda: lsn_at_least(standby, slot, changed_at), 40, "the standby's slot past the change")
+        except TimeoutError:
+            pass
+        print(f"\nfilter change before {changed_at}; slot on the primary at "
+              f"{primary.execute(slot)[0]['confirmed_flush_lsn']}, on the standby at "
+              f"{standby.execute(slot)[0]['confirmed_flush_lsn']}")
+        primary.crash()
+    finally:
+        os.kill(receiver, signal.SIGCONT)
+    standby._run("pg_ctl", "-D", str(standby.data), "-w", "promote")
+    standby.wait_for_state("streaming", timeout=60)
+    standby.execute("INSERT INTO load VALUES (1)")
+    wait_until(lambda: any(e.body.get("table") == "load" for e in read_stream(nats_server.url)), 60, "the row's event")
+    assert [e.subject for e in read_stream(nats_server.url) if e.body.get("table") == "load"] == ["wal_listener.moved"]
 
 
 def test_the_audit_names_what_makes_failover_unsafe(primary_and_standby):

@@ -14,6 +14,9 @@ pub enum InjectedFault {
     UndescribedRelation,
     /// The supervisor itself panics (its task ends; the host must notice).
     SupervisorPanic,
+    /// A filter change waits 5 s before it is recorded, so that a test
+    /// can stop a standby between the change and its record.
+    SlowFilterRecord,
 }
 
 impl InjectedFault {
@@ -24,6 +27,7 @@ impl InjectedFault {
             InjectedFault::UnknownMessage => "unknown_message",
             InjectedFault::UndescribedRelation => "undescribed_relation",
             InjectedFault::SupervisorPanic => "supervisor_panic",
+            InjectedFault::SlowFilterRecord => "slow_filter_record",
         }
     }
 }
@@ -51,6 +55,6 @@ pub fn inject(fault: InjectedFault, data: &[u8]) -> Injected {
             Injected::Replace(unknown)
         }
         InjectedFault::UndescribedRelation => Injected::ForgetRelations,
-        InjectedFault::SupervisorPanic => Injected::Nothing,
+        InjectedFault::SupervisorPanic | InjectedFault::SlowFilterRecord => Injected::Nothing,
     }
 }

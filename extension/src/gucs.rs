@@ -72,6 +72,8 @@ enum FaultSetting {
     UndescribedRelation,
     #[name = c"supervisor_panic"]
     SupervisorPanic,
+    #[name = c"slow_filter_record"]
+    SlowFilterRecord,
     /// A panic on the worker's main thread, the one that calls Postgres.
     #[name = c"host_panic"]
     HostPanic,
@@ -385,6 +387,7 @@ pub fn pipeline_config(source: SourceConfig) -> PipelineConfig {
             FaultSetting::UnknownMessage => Some(InjectedFault::UnknownMessage),
             FaultSetting::UndescribedRelation => Some(InjectedFault::UndescribedRelation),
             FaultSetting::SupervisorPanic => Some(InjectedFault::SupervisorPanic),
+            FaultSetting::SlowFilterRecord => Some(InjectedFault::SlowFilterRecord),
             FaultSetting::None | FaultSetting::HostPanic => None,
         };
     }

@@ -37,7 +37,8 @@ pub async fn in_force_at(sql: &mut Sql, start_lsn: Lsn) -> Result<FilterVersion,
 /// LSN past that commit is confirmed. An insert, not an update of the
 /// version's own row: that row is not visible yet while its commit waits
 /// for a synchronous standby, which may be the worker's own walsender.
-pub async fn record(cfg: &SourceConfig, version: i64, commit_lsn: Lsn, rules: &str) -> Result<(), Error> {
+/// Returns a WAL position at or past the end of the inserting transaction.
+pub async fn record(cfg: &SourceConfig, version: i64, commit_lsn: Lsn, rules: &str) -> Result<Lsn, Error> {
     let recorded = async {
         let mut sql = Sql::side(cfg).await?;
         sql.execute(&format!(
@@ -46,7 +47,11 @@ pub async fn record(cfg: &SourceConfig, version: i64, commit_lsn: Lsn, rules: &s
              ON CONFLICT (version) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, rules = EXCLUDED.rules",
             quote_literal(rules)
         ))
-        .await
+        .await?;
+        let after = sql.one_value("SELECT pg_current_wal_insert_lsn()").await?.unwrap_or_default();
+        after
+            .parse::<Lsn>()
+            .map_err(|e| Error::Replication(format!("pg_current_wal_insert_lsn() gave {after:?}: {e}")))
     };
     recorded.await.map_err(|e| {
         let cause = if is_lock_timeout(&e) {

@@ -5,6 +5,7 @@
 
 mod backfill;
 mod batching;
+mod confirm_hold;
 mod pub_acks;
 
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +35,7 @@ use crate::status::{LogLevel, StatusBoard, WarningSource};
 use crate::{Error, Lsn};
 pub use backfill::BackfillLink;
 use backfill::BackfillState;
+use confirm_hold::ConfirmHold;
 
 /// How often the oldest unacked publish is checked against ACK_TIMEOUT.
 const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -125,6 +127,8 @@ pub struct Streamer {
     foreign_replies: u64,
     /// Size of the last event, to allocate the next one once.
     last_event_len: usize,
+    /// Confirms held below a filter change until its record is on the standbys.
+    confirm_hold: ConfirmHold,
     /// The key config messages are signed with, read at the first one.
     message_key: Option<Vec<u8>>,
 }
@@ -176,6 +180,7 @@ impl Streamer {
             foreign_replies: 0,
             last_event_len: 256,
             message_key: None,
+            confirm_hold: ConfirmHold::default(),
         }
     }
 
@@ -228,6 +233,17 @@ impl Streamer {
     }
 
     async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+        if self.confirm_hold.is_holding() {
+            let reached = match &event {
+                ReplicationEvent::Begin { final_lsn, .. } => Some(*final_lsn),
+                ReplicationEvent::Commit { end_lsn, .. } => Some(*end_lsn),
+                ReplicationEvent::Message { lsn, .. } => Some(*lsn),
+                _ => None,
+            };
+            if let Some(lsn) = reached.and_then(|lsn| self.confirm_hold.reached(lsn.into())) {
+                self.confirm(lsn);
+            }
+        }
         match event {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                 self.begin(Begin { final_lsn: final_lsn.into(), commit_time: commit_time_micros, xid });
@@ -384,7 +400,16 @@ impl Streamer {
         }
         let filters = Filters::from_json(&rules)
             .map_err(|e| Error::Setup(format!("filters version {version}: {e}")))?;
-        config_store::record(&self.source, version, commit_lsn, &rules).await?;
+        #[cfg(feature = "fault-injection")]
+        if self.inject_fault == Some(crate::failpoints::InjectedFault::SlowFilterRecord) {
+            self.board.log(
+                LogLevel::Info,
+                format!("injected: pausing 5 s before recording filters version {version}"),
+            );
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let recorded_until = config_store::record(&self.source, version, commit_lsn, &rules).await?;
+        self.confirm_hold.filter_change(commit_lsn, recorded_until);
         self.filters = filters;
         self.filter_version = version;
         self.routes.clear();

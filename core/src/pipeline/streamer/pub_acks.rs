@@ -127,8 +127,11 @@ impl Streamer {
         )))
     }
 
-    /// Reports `lsn` as flushed; the tracker guarantees everything before it is acked.
+    /// Reports `lsn` as flushed; the tracker guarantees everything before
+    /// it is acked. Held below a filter change until its record is on the
+    /// standbys (see `confirm_hold`).
     pub(super) fn confirm(&mut self, lsn: Lsn) {
+        let Some(lsn) = self.confirm_hold.confirm(lsn) else { return };
         self.client.update_applied_lsn(lsn.into());
         self.board.set_confirmed_lsn(lsn);
     }
