@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import psycopg
+import pytest
 
 from harness import _as_postgres_user, read_stream, sync_standby_star, wait_for_count, wait_until
 
@@ -38,16 +39,20 @@ def test_statements_after_create_extension_in_their_own_transactions_lose_nothin
     assert [e.body["data"]["id"] for e in read_stream(nats_server.url)] == [1, 2]
 
 
-def test_create_extension_returns_when_the_worker_is_the_only_synchronous_standby(cluster, nats_server):
+@pytest.mark.parametrize("one_transaction", [False, True], ids=["own_transactions", "one_transaction"])
+def test_create_extension_returns_when_the_worker_is_the_only_synchronous_standby(cluster, nats_server,
+                                                                                  one_transaction):
     # With '*' and no other standby, the CREATE EXTENSION commit waits for
     # the worker's walsender, and the worker cannot see the extension until
-    # that commit is visible: it must confirm it, as it carries nothing to
-    # publish. Before, the statement never returned and the worker opened a
-    # session (and logged) per millisecond.
+    # that commit is visible. The hook commits it with synchronous_commit =
+    # local. Before, the statement never returned and the worker opened a
+    # session (and logged) per millisecond; then, with rows of its own in
+    # the transaction, it still never returned.
     wait_until(lambda: WAITING in cluster.log(), 60, "the worker to wait for CREATE EXTENSION with its slot")
     sync_standby_star(cluster)
     started = time.monotonic()
-    psql(cluster, "CREATE EXTENSION wal_listener", "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1)")
+    statements = ["CREATE EXTENSION wal_listener", "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1)"]
+    psql(cluster, *(["; ".join(statements)] if one_transaction else statements))
     returned_after = time.monotonic() - started
     print(f"CREATE EXTENSION; CREATE TABLE; INSERT returned after {returned_after:.2f} s")
     assert returned_after < 60
@@ -75,6 +80,42 @@ def test_a_created_marker_written_by_a_role_is_ignored_and_pins_no_wal(cluster, 
     psql(cluster, "CREATE EXTENSION wal_listener", "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1)")
     assert wait_for_count(nats_server.url, 1, timeout=60) == 1
     assert cluster.log().count(WAITING) == 1
+
+
+def test_a_filter_added_in_the_create_extension_transaction_is_in_force(cluster, nats_server):
+    # The worker confirmed a marker transaction with no user row at once and
+    # the next session started after it: the filter change it carried was
+    # never applied, and every table was published.
+    wait_until(lambda: WAITING in cluster.log(), 60, "the worker to wait for CREATE EXTENSION with its slot")
+    psql(cluster, "BEGIN; CREATE EXTENSION wal_listener; CREATE TABLE t (id int PRIMARY KEY); "
+                  "CREATE TABLE u (id int PRIMARY KEY); SELECT wal_listener.add_filter('u'); COMMIT",
+         "INSERT INTO t VALUES (1)", "INSERT INTO u VALUES (1)")
+    assert wait_for_count(nats_server.url, 1, timeout=60) == 1
+    assert [(e.body["table"], e.body["data"]["id"]) for e in read_stream(nats_server.url)] == [("u", 1)]
+    assert cluster.execute("SELECT version FROM wal_listener.applied_versions") == [{"version": 1}]
+
+
+def test_create_extension_is_seen_past_the_first_xid_epoch(make_cluster, nats_server):
+    # The worker rebuilt the 64-bit xid of the marker's transaction from a
+    # snapshot, and got the epoch wrong for an xid above the snapshot's
+    # xmax: with an older transaction still open, it judged the real
+    # CREATE EXTENSION forged and published nothing ever after.
+    cluster = make_cluster()
+    cluster.stop()
+    cluster._run("pg_resetwal", "-e", "1", "-D", str(cluster.data))
+    cluster.start()
+    wait_until(lambda: cluster.execute("SELECT 1 FROM pg_stat_replication WHERE application_name = 'wal_listener'"),
+               60, "the worker to stream again after the restart")
+    assert int(cluster.execute("SELECT txid_current() / 4294967296 AS epoch")[0]["epoch"]) == 1
+    with psycopg.connect(host=str(cluster.dir), port=cluster.port, user="postgres", dbname="app",
+                         autocommit=True) as older:
+        older.execute("BEGIN")
+        older.execute("SELECT txid_current()")
+        psql(cluster, "CREATE EXTENSION wal_listener; CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        assert wait_for_count(nats_server.url, 1, timeout=60) == 1
+        older.execute("COMMIT")
+    assert 'ignored a "wal_listener.created" message' not in cluster.log()
+    assert read_stream(nats_server.url)[0].body["data"] == {"id": 1}
 
 
 def slot_lag(cluster) -> dict:

@@ -10,7 +10,7 @@ use std::ffi::CStr;
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
-use wal_listener_core::replication::connection::quote_literal;
+use wal_listener_core::replication::connection::{quote_literal, STREAM_APPLICATION_NAME};
 
 use crate::{gucs, shmem};
 
@@ -42,6 +42,7 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     if unsafe { creates_this_extension(pstmt) } {
         wait_for_slot();
+        commit_without_waiting_for_the_worker();
     }
     unsafe {
         match PREVIOUS_HOOK {
@@ -123,6 +124,36 @@ fn wait_for_slot() {
          wal_listener.status() and the server log); changes committed before it exists are not published",
         SLOT_WAIT.as_secs()
     );
+}
+
+/// When `synchronous_standby_names` names the worker's walsender (`'*'`,
+/// say), this transaction's commit would wait for the worker to confirm
+/// it, and the worker confirms it only once it sees the extension, which
+/// is after the commit: the transaction commits with `synchronous_commit =
+/// local` instead (a later `SET LOCAL` in it still wins). Never raised:
+/// `off` stays `off`.
+fn commit_without_waiting_for_the_worker() {
+    let names = current_setting("synchronous_standby_names");
+    let waits =
+        matches!(current_setting("synchronous_commit").as_str(), "on" | "remote_write" | "remote_apply");
+    if !waits || !wal_listener_core::audit::sync_standby_names_match(&names, STREAM_APPLICATION_NAME) {
+        return;
+    }
+    let set = Spi::get_one::<String>("SELECT pg_catalog.set_config('synchronous_commit', 'local', true)");
+    match set {
+        Ok(_) => notice!(
+            "wal_listener: this transaction commits with synchronous_commit = local: synchronous_standby_names \
+             = '{names}' names the worker's walsender, which cannot confirm it before the extension exists"
+        ),
+        Err(e) => warning!("wal_listener: could not set synchronous_commit = local for CREATE EXTENSION: {e}"),
+    }
+}
+
+fn current_setting(name: &str) -> String {
+    Spi::get_one::<String>(&format!("SELECT pg_catalog.current_setting({})", quote_literal(name)))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// Why waiting is pointless: no worker runs, or it fails (e.g. wal_level).

@@ -5,7 +5,7 @@
 //! pins no WAL while the extension is missing.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
@@ -13,33 +13,33 @@ use crate::ack_tracker::AckTracker;
 use crate::config::SourceConfig;
 use crate::pgoutput::{self, Message};
 use crate::replication::connection::Sql;
-use crate::replication::{CREATED_MARKER_PREFIX, EXTENSION_SCHEMA};
+use crate::replication::{CONFIG_MESSAGE_PREFIX, CREATED_MARKER_PREFIX, EXTENSION_SCHEMA};
 use crate::status::{LogLevel, StatusBoard};
 use crate::{Error, Lsn};
 
-/// How often the end of a confirmed CREATE EXTENSION transaction is polled.
-const VISIBLE_POLL: Duration = Duration::from_millis(20);
+/// The first and the longest pause between two looks at a marker's
+/// transaction that has not ended yet.
+const END_POLL_FIRST: Duration = Duration::from_millis(10);
+const END_POLL_MAX: Duration = Duration::from_secs(1);
 
 /// Confirms transactions until the one carrying the extension's marker
-/// message; then returns `Ok`, and the next session publishes from there.
+/// message; then returns `Ok` without confirming it, so that the next
+/// session starts at or before that transaction and publishes it.
 ///
-/// At the marker's commit the extension is not visible yet: the commit
-/// record is decoded before the transaction ends, and with a synchronous
-/// standby the transaction ends only once its standbys confirmed it, which
-/// may include our own walsender (`synchronous_standby_names = '*'`). So:
-/// - a marker transaction that wrote no row outside the extension's own
-///   tables (nothing of it would be published) is confirmed at once, which
-///   releases a commit waiting for us;
-/// - then this session waits until the transaction is visible and looks at
-///   `pg_extension`: there, the next session publishes (from before the
-///   marker's transaction when it was not confirmed); not there, the marker
-///   was written by someone else with `pg_logical_emit_message` (any role
-///   may) or the extension was dropped since, and skipping goes on.
+/// The marker's commit record is decoded before its transaction ends, and
+/// any role may write a message with the marker's prefix
+/// (`pg_logical_emit_message` is PUBLIC). So at the marker's commit this
+/// session waits until the transaction has ended (it is then visible) and
+/// looks at `pg_extension`: there, it returns; not there, the marker was
+/// forged or the extension dropped since, and skipping goes on.
 ///
-/// A marker transaction with rows of its own that waits for synchronous
-/// replication from us cannot be confirmed before it is published nor seen
-/// before it is confirmed: the session ends and the next one meets it
-/// again (the supervisor paces that), until the standbys are named.
+/// A transaction waiting for synchronous replication may wait for us: the
+/// CREATE EXTENSION hook commits the extension's own transaction with
+/// `synchronous_commit = local` when `synchronous_standby_names` names our
+/// walsender, so that only a forged marker (or a transaction that set
+/// `synchronous_commit` again after CREATE EXTENSION) waits here. Such a
+/// transaction is confirmed at once when nothing of it would be published
+/// (no user row, no filter change); that releases its commit.
 pub async fn skip_until_created(
     mut client: ReplicationClient,
     start_lsn: Lsn,
@@ -53,7 +53,7 @@ pub async fn skip_until_created(
     let mut extension_relations: HashMap<u32, bool> = HashMap::new();
     let mut xid = 0u32;
     let mut created = false;
-    let mut user_rows = false;
+    let mut publishes_something = false;
     loop {
         let event = match client.recv().await {
             Ok(Some(event)) => event,
@@ -65,7 +65,7 @@ pub async fn skip_until_created(
                 tracker.begin();
                 xid = begin_xid;
                 created = false;
-                user_rows = false;
+                publishes_something = false;
                 None
             }
             ReplicationEvent::Message { transactional: true, prefix, .. }
@@ -74,27 +74,37 @@ pub async fn skip_until_created(
                 created = true;
                 None
             }
+            ReplicationEvent::Message { transactional: true, prefix, .. }
+                if prefix == CONFIG_MESSAGE_PREFIX =>
+            {
+                publishes_something = true;
+                None
+            }
             ReplicationEvent::Commit { end_lsn, .. } if created => {
                 let end = Lsn::from(end_lsn);
-                if !user_rows {
+                let release = |client: &mut ReplicationClient| {
                     client.update_applied_lsn(end_lsn);
                     board.set_confirmed_lsn(end);
-                }
-                match wait_until_visible(source, xid, !user_rows, board).await? {
-                    Visible::No => return Ok(()),
-                    Visible::Yes { extension: true } => return Ok(()),
-                    Visible::Yes { extension: false } => {
-                        board.log(
-                            LogLevel::Warning,
-                            format!(
-                                "ignored a \"{CREATED_MARKER_PREFIX}\" message of transaction {xid} at {end}: \
-                                 the extension does not exist (written with pg_logical_emit_message by a \
-                                 role, or the extension was dropped since)"
-                            ),
-                        );
-                        tracker.commit(end)
+                };
+                let mut release = (!publishes_something).then_some(release);
+                wait_for_end(source, xid, board, || {
+                    if let Some(release) = release.take() {
+                        release(&mut client);
                     }
+                })
+                .await;
+                if extension_exists(source).await {
+                    return Ok(());
                 }
+                board.log(
+                    LogLevel::Warning,
+                    format!(
+                        "ignored a \"{CREATED_MARKER_PREFIX}\" message of transaction {xid} at {end}: the \
+                         extension does not exist (written with pg_logical_emit_message by a role, or the \
+                         extension was dropped since)"
+                    ),
+                );
+                tracker.commit(end)
             }
             ReplicationEvent::Commit { end_lsn, .. } => tracker.commit(end_lsn.into()),
             ReplicationEvent::KeepAlive { wal_end, .. } => tracker.keepalive(wal_end.into()),
@@ -102,7 +112,7 @@ pub async fn skip_until_created(
                 return Err(Error::Replication(format!("replication stopped at {reached} unexpectedly")))
             }
             ReplicationEvent::XLogData { data, .. } => {
-                user_rows |= writes_a_user_row(&data, &mut extension_relations)?;
+                publishes_something |= writes_a_user_row(&data, &mut extension_relations)?;
                 None
             }
             ReplicationEvent::Message { .. } => None,
@@ -134,40 +144,21 @@ fn writes_a_user_row(data: &[u8], extension_relations: &mut HashMap<u32, bool>) 
     })
 }
 
-/// Whether the marker's transaction became visible, and the extension with it.
-enum Visible {
-    Yes {
-        extension: bool,
-    },
-    /// It waits for synchronous replication and we may not confirm it.
-    No,
-}
-
-/// Waits until transaction `xid` (committed: its commit record was
-/// decoded) is visible to a new snapshot, then reads `pg_extension`. Only
-/// a synchronous-replication wait holds a committed transaction back; when
-/// it is not `confirmed` and waits for that, its standby may be us:
-/// [`Visible::No`]. Side-session errors are retried: leaving with a guess
-/// would either lose the marker or skip the extension.
-async fn wait_until_visible(
-    source: &SourceConfig,
-    xid: u32,
-    confirmed: bool,
-    board: &StatusBoard,
-) -> Result<Visible, Error> {
-    // The 64-bit xid from the 32 bits pgoutput sends: the epoch of the
-    // snapshot's xmax, one less when the xid is above xmax's low bits.
+/// Waits until transaction `xid`, whose commit record was decoded, has
+/// ended: no backend holds it and it is not a prepared transaction. It is
+/// then visible to every new snapshot. While it waits for synchronous
+/// replication, `release` is called (once by the caller's choice). Errors
+/// of the side session are retried: leaving with a guess would either lose
+/// the marker or skip the extension.
+async fn wait_for_end(source: &SourceConfig, xid: u32, board: &StatusBoard, mut release: impl FnMut()) {
+    // The 32-bit xid compares with the 32-bit columns: no epoch to guess.
     let query = format!(
-        "WITH s AS (SELECT pg_current_snapshot() AS snap, \
-                           pg_snapshot_xmax(pg_current_snapshot())::text::numeric AS xmax) \
-         SELECT pg_visible_in_snapshot( \
-                    ((div(xmax, 4294967296) - (({xid} > mod(xmax, 4294967296))::int)) * 4294967296 + {xid}) \
-                        ::text::xid8, snap)::text, \
-                EXISTS (SELECT FROM pg_extension WHERE extname = 'wal_listener')::text, \
-                EXISTS (SELECT FROM pg_stat_activity WHERE wait_event = 'SyncRep')::text \
-           FROM s"
+        "SELECT coalesce((SELECT coalesce(wait_event, 'running') FROM pg_stat_activity \
+                           WHERE backend_xid = '{xid}'::xid LIMIT 1), \
+                         (SELECT 'prepared' FROM pg_prepared_xacts WHERE transaction = '{xid}'::xid LIMIT 1))"
     );
-    let started = std::time::Instant::now();
+    let started = Instant::now();
+    let mut pause = END_POLL_FIRST;
     let mut told = false;
     let mut sql = None;
     loop {
@@ -175,27 +166,40 @@ async fn wait_until_visible(
             sql = Sql::side(source).await.ok();
         }
         if let Some(session) = sql.as_mut() {
-            match session.rows(&query).await {
-                Ok(rows) => {
-                    let row = rows.into_iter().next().unwrap_or_default();
-                    let yes = |i: usize| row.get(i).cloned().flatten().as_deref() == Some("true");
-                    if yes(0) {
-                        return Ok(Visible::Yes { extension: yes(1) });
-                    }
-                    if yes(2) && !confirmed {
-                        return Ok(Visible::No);
-                    }
-                }
+            match session.one_value(&query).await {
+                Ok(state) => match state {
+                    None => return,
+                    Some(wait_event) if wait_event == "SyncRep" => release(),
+                    Some(_) => {}
+                },
                 Err(_) => sql = None,
             }
         }
         if !told && started.elapsed() > Duration::from_secs(5) {
             told = true;
             board.report_waiting(format!(
-                "waiting for the CREATE EXTENSION transaction {xid} to end (it waits for synchronous \
-                 replication to the standbys synchronous_standby_names names)"
+                "waiting for the end of transaction {xid}, which wrote the \"{CREATED_MARKER_PREFIX}\" marker \
+                 of CREATE EXTENSION (see pg_stat_activity.backend_xid; a commit waiting for the standbys \
+                 synchronous_standby_names names waits here too)"
             ));
         }
-        tokio::time::sleep(if sql.is_some() { VISIBLE_POLL } else { Duration::from_secs(1) }).await;
+        tokio::time::sleep(if sql.is_some() { pause } else { END_POLL_MAX }).await;
+        pause = (pause * 2).min(END_POLL_MAX);
+    }
+}
+
+/// Whether the extension exists, read in a new snapshot; retried until a
+/// side session answers.
+async fn extension_exists(source: &SourceConfig) -> bool {
+    loop {
+        if let Ok(mut sql) = Sql::side(source).await {
+            if let Ok(value) = sql
+                .one_value("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'wal_listener')::text")
+                .await
+            {
+                return value.as_deref() == Some("true");
+            }
+        }
+        tokio::time::sleep(END_POLL_MAX).await;
     }
 }
