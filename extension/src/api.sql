@@ -46,6 +46,9 @@ SELECT pg_catalog.pg_extension_config_dump('filter_rules', '');
 -- Not dumped: a restored database makes its own.
 CREATE TABLE message_key (key bytea NOT NULL);
 REVOKE ALL ON message_key FROM PUBLIC;
+-- Row security with no policy: pg_read_all_data (which passes over
+-- grants, not row security) reads no row; the owner still does.
+ALTER TABLE message_key ENABLE ROW LEVEL SECURITY;
 INSERT INTO message_key
     SELECT sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8'));
 

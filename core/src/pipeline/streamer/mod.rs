@@ -387,12 +387,15 @@ impl Streamer {
     /// confirmed before, so a restart starts with the right filters.
     async fn apply_filter_change(&mut self, change: &FilterChange, commit_lsn: Lsn) -> Result<(), Error> {
         let Some((version, rules)) = change.newest() else { return Ok(()) };
-        if version < self.filter_version {
-            // Only hand-written rows of an old version; the API never writes those.
+        if version <= self.filter_version {
+            // The API writes each version once, in a new number: an old
+            // number is a hand-written row or a signed message replayed
+            // by someone who saw it (the version in force included).
             self.board.log(
                 LogLevel::Warning,
                 format!(
-                    "ignored rows of filters version {version} written at {commit_lsn}: version {} is newer",
+                    "ignored filters version {version} written at {commit_lsn}: version {} is in force, and \
+                     a version takes effect only once",
                     self.filter_version
                 ),
             );
