@@ -19,7 +19,9 @@ pub fn sync_standby_names_match(setting: &str, application_name: &str) -> bool {
     split_names(list).iter().any(|name| name == "*" || name.eq_ignore_ascii_case(application_name))
 }
 
-/// The names of a comma-separated list; double quotes group and `""` escapes one.
+/// The names of a comma-separated list, as Postgres reads identifiers:
+/// double quotes group and `""` escapes one; unquoted letters are folded
+/// to lower case (`S1` names slot `s1`).
 fn split_names(list: &str) -> Vec<String> {
     let mut names = Vec::new();
     let mut current = String::new();
@@ -33,7 +35,8 @@ fn split_names(list: &str) -> Vec<String> {
             }
             '"' => quoted = !quoted,
             ',' if !quoted => names.push(std::mem::take(&mut current).trim().to_owned()),
-            c => current.push(c),
+            c if quoted => current.push(c),
+            c => current.push(c.to_ascii_lowercase()),
         }
     }
     names.push(current.trim().to_owned());
@@ -153,13 +156,24 @@ mod tests {
         assert_eq!(held_by_standby_slots("", &slots), None);
         assert_eq!(held_by_standby_slots("s1", &slots), None);
         assert_eq!(held_by_standby_slots(" s1 , \"s1\"", &slots), None);
+        assert_eq!(held_by_standby_slots("S1", &slots), None, "unquoted names are folded");
+        assert!(held_by_standby_slots("\"S1\"", &slots).is_some_and(|h| h.certain), "quoted ones are not");
         let missing = held_by_standby_slots("standby1", &slots).unwrap();
+        assert!(missing.certain);
+        let missing = missing.reason;
         assert!(
             missing.starts_with("nothing is published: synchronized_standby_slots = 'standby1'"),
             "{missing}"
         );
         assert!(missing.contains("slot \"standby1\" does not exist on this server"), "{missing}");
+        let idle = held_by_standby_slots("s1, idle", &slots).unwrap();
+        assert!(
+            !idle.certain && idle.reason.contains("no standby is connected to slot \"idle\""),
+            "{idle:?}"
+        );
         let all = held_by_standby_slots("s1,idle,gone,wal_listener", &slots).unwrap();
+        assert!(all.certain);
+        let all = all.reason;
         assert!(all.contains("no standby is connected to slot \"idle\""), "{all}");
         assert!(all.contains("slot \"gone\" was invalidated"), "{all}");
         assert!(all.contains("slot \"wal_listener\" is a logical slot"), "{all}");
@@ -297,29 +311,46 @@ pub struct ServerSlot {
     pub lost: bool,
 }
 
+/// Why the slots `synchronized_standby_slots` names hold back every
+/// change of a failover slot (PostgreSQL 17+ sends none until each named
+/// slot received it), and whether that is certain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub reason: String,
+    /// `false` when the only cause is a standby not connected right now:
+    /// standbys reconnect, so that counts only when seen twice in a row.
+    pub certain: bool,
+}
+
 /// Why the slots `synchronized_standby_slots` names hold back every logical
-/// change (PostgreSQL 17+ sends none until each named slot received it):
-/// a slot missing, logical, invalidated, or with no standby on it. `None`
-/// when they do not. The common case is a promoted standby that kept the
-/// old primary's setting, which names its own slot.
-pub fn held_by_standby_slots(setting: &str, slots: &[ServerSlot]) -> Option<String> {
+/// change of a failover slot: a slot missing, logical, invalidated, or
+/// with no standby on it. `None` when they do not. The common case is a
+/// promoted standby that kept the old primary's setting, which names its
+/// own slot.
+pub fn held_by_standby_slots(setting: &str, slots: &[ServerSlot]) -> Option<Held> {
+    let mut certain = false;
     let problems: Vec<String> = split_names(setting)
         .into_iter()
         .filter(|name| !name.is_empty())
-        .filter_map(|name| match slots.iter().find(|s| s.name == name) {
-            None => Some(format!("slot \"{name}\" does not exist on this server")),
-            Some(s) if !s.physical => Some(format!("slot \"{name}\" is a logical slot, not a standby's")),
-            Some(s) if s.lost => Some(format!("slot \"{name}\" was invalidated")),
-            Some(s) if !s.active => Some(format!("no standby is connected to slot \"{name}\"")),
-            Some(_) => None,
+        .filter_map(|name| {
+            let problem = match slots.iter().find(|s| s.name == name) {
+                None => format!("slot \"{name}\" does not exist on this server"),
+                Some(s) if !s.physical => format!("slot \"{name}\" is a logical slot, not a standby's"),
+                Some(s) if s.lost => format!("slot \"{name}\" was invalidated"),
+                Some(s) if !s.active => return Some(format!("no standby is connected to slot \"{name}\"")),
+                Some(_) => return None,
+            };
+            certain = true;
+            Some(problem)
         })
         .collect();
-    (!problems.is_empty()).then(|| {
-        format!(
+    (!problems.is_empty()).then(|| Held {
+        reason: format!(
             "nothing is published: synchronized_standby_slots = '{setting}' holds every logical change until \
              each slot it names has received it, and {}. Set it to this server's standby slots, or to '' \
              (after a promotion, the old primary's list names slots this server does not have)",
             problems.join(", ")
-        )
+        ),
+        certain,
     })
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::audit::Held;
 use crate::Lsn;
 
 /// The pipeline's state, as `status()` shows it.
@@ -120,6 +121,8 @@ pub struct StatusBoard {
     /// Why the server sends no change although a session streams (see
     /// `audit::held_by_standby_slots`): `status()` then says `waiting`.
     held: Mutex<Option<(String, i64)>>,
+    /// An uncertain reason seen once, shown when seen again next time.
+    held_once: Mutex<Option<String>>,
     warnings: Mutex<Vec<(WarningSource, Vec<String>)>>,
     backfill: Mutex<Option<String>>,
     /// Whether a session holds the slot and streams (publishing or not).
@@ -145,6 +148,7 @@ impl StatusBoard {
             last_error: Mutex::new(None),
             last_error_is_waiting: AtomicBool::new(false),
             held: Mutex::new(None),
+            held_once: Mutex::new(None),
             warnings: Mutex::new(Vec::new()),
             backfill: Mutex::new(None),
             slot_active: AtomicBool::new(false),
@@ -170,7 +174,24 @@ impl StatusBoard {
 
     /// Records (or clears, with `None`) why the server holds back every
     /// change; logged when it changes.
-    pub fn set_held(&self, reason: Option<String>) {
+    pub fn set_held(&self, held: Option<Held>) {
+        let reason = {
+            let mut once = lock(&self.held_once);
+            match held {
+                Some(Held { reason, certain: false }) if once.as_ref() != Some(&reason) => {
+                    *once = Some(reason);
+                    return;
+                }
+                Some(Held { reason, .. }) => {
+                    *once = None;
+                    Some(reason)
+                }
+                None => {
+                    *once = None;
+                    None
+                }
+            }
+        };
         let mut held = lock(&self.held);
         if held.as_ref().map(|(shown, _)| shown) == reason.as_ref() {
             return;
@@ -410,8 +431,16 @@ mod tests {
     fn a_server_that_holds_changes_shows_waiting_with_the_reason_while_streaming() {
         let board = StatusBoard::new(Box::new(|| {}));
         board.set_state(State::Streaming);
-        board.set_held(Some("held".into()));
-        board.set_held(Some("held".into()));
+        let held = |certain| Some(Held { reason: "held".into(), certain });
+        board.set_held(held(false));
+        assert_eq!(board.snapshot().state, State::Streaming, "a standby may be reconnecting");
+        board.set_held(None);
+        board.set_held(held(false));
+        assert_eq!(board.snapshot().state, State::Streaming, "not twice in a row");
+        board.set_held(held(false));
+        assert_eq!(board.snapshot().state, State::Waiting);
+        board.set_held(None);
+        board.set_held(held(true));
         let snap = board.snapshot();
         assert_eq!((snap.state, snap.last_error.as_deref()), (State::Waiting, Some("held")));
         board.set_state(State::Backoff);
@@ -420,6 +449,6 @@ mod tests {
         board.set_held(None);
         assert_eq!((board.snapshot().state, board.snapshot().last_error), (State::Streaming, None));
         let levels: Vec<LogLevel> = board.drain_log().into_iter().map(|l| l.level).collect();
-        assert_eq!(levels, vec![LogLevel::Warning, LogLevel::Info]);
+        assert_eq!(levels, vec![LogLevel::Warning, LogLevel::Info, LogLevel::Warning, LogLevel::Info]);
     }
 }

@@ -49,7 +49,7 @@ pub struct Session {
     /// Setup findings for `status().warnings` (see [`crate::audit`]).
     pub warnings: Vec<String>,
     /// Why the server holds back every change, if it does.
-    pub held: Option<String>,
+    pub held: Option<audit::Held>,
 }
 
 /// What the session does with the changes it receives.
@@ -133,7 +133,7 @@ struct Prepared {
     system_identifier: u64,
     extension_installed: bool,
     warnings: Vec<String>,
-    held: Option<String>,
+    held: Option<audit::Held>,
 }
 
 /// Checks the server and creates what is missing, on the session that then streams.
@@ -215,7 +215,9 @@ pub async fn primary_audit(sql: &mut Sql, cfg: &SourceConfig) -> Result<PrimaryA
         has_standbys: text(3) == "true",
     };
     findings.extend(audit::primary_findings(&settings, &cfg.slot));
+    // The setting holds back failover slots only.
     let held = if settings.version_num >= audit::FAILOVER_SLOTS_VERSION
+        && settings.slot_is_failover
         && !settings.synchronized_standby_slots.trim().is_empty()
     {
         let slots = sql
@@ -238,7 +240,7 @@ pub async fn primary_audit(sql: &mut Sql, cfg: &SourceConfig) -> Result<PrimaryA
     } else {
         None
     };
-    findings.extend(held.clone());
+    findings.extend(held.as_ref().map(|h| h.reason.clone()));
     Ok(PrimaryAudit { warnings: findings, held })
 }
 
@@ -248,7 +250,7 @@ pub struct PrimaryAudit {
     pub warnings: Vec<String>,
     /// Why the server sends no logical change at all, when it holds them
     /// back (see [`audit::held_by_standby_slots`]).
-    pub held: Option<String>,
+    pub held: Option<audit::Held>,
 }
 
 /// What makes a promotion of this standby unsafe for the worker.
