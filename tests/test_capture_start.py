@@ -83,10 +83,12 @@ def test_a_created_marker_written_by_a_role_is_ignored_and_pins_no_wal(cluster, 
 
 
 def test_a_filter_added_in_the_create_extension_transaction_is_in_force(cluster, nats_server):
-    # The worker confirmed a marker transaction with no user row at once and
-    # the next session started after it: the filter change it carried was
-    # never applied, and every table was published.
+    # Under a synchronous standby, the worker confirmed a marker transaction
+    # with no user row at once and the next session started after it: the
+    # filter change it carried was never applied, and every table was
+    # published.
     wait_until(lambda: WAITING in cluster.log(), 60, "the worker to wait for CREATE EXTENSION with its slot")
+    sync_standby_star(cluster)
     psql(cluster, "BEGIN; CREATE EXTENSION wal_listener; CREATE TABLE t (id int PRIMARY KEY); "
                   "CREATE TABLE u (id int PRIMARY KEY); SELECT wal_listener.add_filter('u'); COMMIT",
          "INSERT INTO t VALUES (1)", "INSERT INTO u VALUES (1)")
@@ -98,8 +100,9 @@ def test_a_filter_added_in_the_create_extension_transaction_is_in_force(cluster,
 def test_create_extension_is_seen_past_the_first_xid_epoch(make_cluster, nats_server):
     # The worker rebuilt the 64-bit xid of the marker's transaction from a
     # snapshot, and got the epoch wrong for an xid above the snapshot's
-    # xmax: with an older transaction still open, it judged the real
-    # CREATE EXTENSION forged and published nothing ever after.
+    # xmax: with an older transaction still open and the commit waiting for
+    # the synchronous standby, it judged the real CREATE EXTENSION forged
+    # and published nothing ever after.
     cluster = make_cluster()
     cluster.stop()
     cluster._run("pg_resetwal", "-e", "1", "-D", str(cluster.data))
@@ -111,7 +114,8 @@ def test_create_extension_is_seen_past_the_first_xid_epoch(make_cluster, nats_se
                          autocommit=True) as older:
         older.execute("BEGIN")
         older.execute("SELECT txid_current()")
-        psql(cluster, "CREATE EXTENSION wal_listener; CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        sync_standby_star(cluster)
+        psql(cluster, "CREATE EXTENSION wal_listener", "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1)")
         assert wait_for_count(nats_server.url, 1, timeout=60) == 1
         older.execute("COMMIT")
     assert 'ignored a "wal_listener.created" message' not in cluster.log()
