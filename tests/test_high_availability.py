@@ -5,6 +5,7 @@ quorum. Every committed row arrives once, in commit order."""
 import asyncio
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -302,3 +303,44 @@ def test_a_nats_cluster_loses_its_leader_then_its_quorum_and_nothing_is_lost(mak
     finally:
         nats_cluster.destroy()
 
+
+
+def nats_node_of(nats_cluster: NatsCluster, pid: int):
+    """The node process `pid` holds an established connection to (`ss`)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True, text=True, check=True).stdout
+    ports = {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if f"pid={pid}," in line}
+    return next((n for n in nats_cluster.nodes if n.port in ports), None)
+
+
+def test_a_nats_client_with_a_full_queue_never_sends_it_after_the_replay(make_cluster):
+    """The worker's NATS client queues publishes it cannot write yet. When
+    its server died, async-nats reconnected to another seed and flushed
+    that queue, events later than those lost in the dead connection, while
+    the new session replayed from the slot: later events stored before
+    earlier ones. Here the server stalls (SIGSTOP) under large events, so
+    the queue fills, then dies (SIGKILL)."""
+    nats_cluster = NatsCluster()
+    try:
+        cluster = make_cluster(nats_url=f"'{nats_cluster.url}'", stream_replicas="3")
+        cluster.execute("CREATE EXTENSION wal_listener")
+        cluster.wait_for_state("streaming", timeout=90)
+        # ~20 kB per event: the in-flight events outgrow the socket buffers.
+        cluster.execute("CREATE TABLE load (n int PRIMARY KEY, pad text NOT NULL "
+                        "DEFAULT repeat(md5(random()::text), 640))")
+        url = nats_cluster.url
+        loader = Loader(cluster, rows=1500, pause=0)
+        loader.start()
+        loader.wait_for(200)
+        node = nats_node_of(nats_cluster, cluster.status()["pid"])
+        assert node is not None, "the worker's NATS connection"
+        node.process.send_signal(signal.SIGSTOP)
+        time.sleep(3)
+        node.stop(signal.SIGKILL)
+        row, started = len(loader.acked), time.monotonic()
+        live = ",".join(n.url for n in nats_cluster.nodes if n is not node)
+        wait_until(lambda: last_number(live) >= row, 120, "delivery after the stalled server was killed", 0.05)
+        print(f"\nevents flow again {time.monotonic() - started:.2f} s after the kill")
+        node.start()
+        check_every_row_once_in_order(cluster, url, loader)
+    finally:
+        nats_cluster.destroy()

@@ -12,6 +12,7 @@ pub mod pub_ack;
 pub mod streams;
 pub mod tls;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ use streams::{StreamInfo, StreamMap};
 /// How long to wait for a connection, and for one PubAck.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before the n-th seed of the first connect (none before the first).
+const INITIAL_RETRY: Duration = Duration::from_millis(100);
+/// A reconnect's delay: longer than any worker lives.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 pub struct Publisher {
     client: async_nats::Client,
@@ -57,13 +62,24 @@ impl Publisher {
         let lost = Arc::new(tokio::sync::Notify::new());
         let on_lost = lost.clone();
         let seeds = server_urls(&cfg.nats_url);
+        let connected = Arc::new(AtomicBool::new(false));
+        let once_connected = connected.clone();
         let client = connect_options(cfg)
             .await?
             .connection_timeout(CONNECT_TIMEOUT)
             // The session ends at a disconnect (publishes lost in the broken
-            // connection go again from the slot, in order); a client left
-            // reconnecting would send what it still buffers after later
-            // events. One pass over the seeds, then it closes.
+            // connection go again from the slot, in order); a client that
+            // reconnected would send what it still queues after the replay
+            // of earlier events. So once connected it never reconnects: its
+            // next attempt waits for ever. That client keeps its queue (at
+            // most the events that were in flight) until the worker exits.
+            .reconnect_delay_callback(move |attempt| {
+                if once_connected.load(Ordering::Relaxed) {
+                    NEVER
+                } else {
+                    INITIAL_RETRY * attempt.saturating_sub(1) as u32
+                }
+            })
             .max_reconnects(seeds.len().max(1))
             // Room for every PubAck in flight: a full buffer drops messages.
             .subscription_capacity(cfg.max_in_flight.max(1024))
@@ -84,6 +100,7 @@ impl Publisher {
             .connect(seeds)
             .await
             .map_err(|e| connect_error(cfg, e))?;
+        connected.store(true, Ordering::Relaxed);
         board.set_nats_connected(true);
         let js = jetstream::context::ContextBuilder::new().timeout(ACK_TIMEOUT).build(client.clone());
         ensure_stream(&js, cfg, board).await?;
