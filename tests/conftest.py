@@ -10,6 +10,14 @@ from harness import Nats, Postgres
 PG_VERSION = os.environ.get("WAL_LISTENER_PG", "15")
 
 
+def on_one_version(version: str):
+    """For a slow test whose subject does not depend on the PostgreSQL
+    version (NATS behaviour, memory bounds): run it on one of the versions
+    CI tests, to keep CI under an hour."""
+    return pytest.mark.skipif(PG_VERSION != version,
+                              reason=f"version-independent and slow: runs on PostgreSQL {version} only")
+
+
 def pytest_report_header(config):
     return f"PostgreSQL {PG_VERSION}"
 

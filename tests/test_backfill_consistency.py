@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from nats.js.api import DiscardPolicy, StorageType
 
-from conftest import PG_VERSION, _failed
+from conftest import PG_VERSION, _failed, on_one_version
 from harness import Nats, Postgres, Writer, event_bodies, wait_until
 
 
@@ -387,6 +387,7 @@ class WorkerMemory(threading.Thread):
                 for pid, p in sorted(self.peaks.items(), key=lambda item: item[1]["role"])]
 
 
+@on_one_version("18")
 def test_a_table_of_huge_rows_backfills_in_bounded_memory(big_cluster, big_payload_nats):
     cluster = big_cluster
     cluster.execute("CREATE TABLE big (id int PRIMARY KEY, payload text)")
@@ -477,6 +478,7 @@ def test_writers_idle_in_their_transaction_are_not_waited_for_and_prepared_ones_
 # 6. A slow, selective clause; columns changed under a backfill.
 
 
+@on_one_version("15")
 def test_a_slow_clause_that_selects_few_rows_finishes_though_one_scan_would_time_out(streaming, nats_server):
     """35,000 rows at about a millisecond each through the clause are 35 s,
     past the worker's 30 s statement_timeout: chunks are key ranges, so no

@@ -13,7 +13,7 @@ import nats
 import psycopg
 import pytest
 
-from conftest import PG_VERSION
+from conftest import PG_VERSION, on_one_version
 from harness import NatsCluster, Postgres, inserted_numbers, last_number, read_stream, stream_count, wait_until
 
 FAILOVER_SLOTS = int(PG_VERSION) >= 17
@@ -262,6 +262,7 @@ def stream_leader(url: str) -> str:
     return asyncio.run(leader())
 
 
+@on_one_version("15")
 def test_a_nats_cluster_loses_its_leader_then_its_quorum_and_nothing_is_lost(make_cluster):
     nats_cluster = NatsCluster()
     try:
@@ -312,6 +313,7 @@ def nats_node_of(nats_cluster: NatsCluster, pid: int):
     return next((n for n in nats_cluster.nodes if n.port in ports), None)
 
 
+@on_one_version("18")
 def test_a_nats_client_with_a_full_queue_never_sends_it_after_the_replay(make_cluster):
     """The worker's NATS client queues publishes it cannot write yet. When
     its server died, async-nats reconnected to another seed and flushed
