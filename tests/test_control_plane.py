@@ -320,10 +320,11 @@ def test_a_config_message_from_another_role_changes_no_filter(streaming, nats_se
 
 def test_a_replayed_signed_message_changes_no_filter_and_no_reader_sees_the_key(streaming, nats_server):
     """A role that reads the key can sign anything: pg_read_all_data passes
-    over grants, so the key table has row security. A signed message seen
-    once (here re-signed by a superuser, as a copy of the WAL's would be)
-    for the version in force must not apply again: the API writes each
-    version once, in a new number."""
+    over grants, so the key table has row security. A signed message copied
+    into another transaction (here signed by a superuser in one and written
+    in the next, as a copy from the WAL would be) must not verify: the MAC
+    covers the writing transaction's xid. Before, it re-applied version 1
+    with only the copied rule."""
     cluster = streaming
     cluster.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE u (id int PRIMARY KEY); "
                     "CREATE ROLE reader LOGIN IN ROLE pg_read_all_data")
@@ -332,16 +333,18 @@ def test_a_replayed_signed_message_changes_no_filter_and_no_reader_sees_the_key(
         assert conn.execute("SELECT count(*) FROM wal_listener.message_key").fetchone() == (0,)
     cluster.execute("SELECT wal_listener.add_filter('u')")
     wait_until(lambda: "filters version 1 in force" in cluster.log(), 30, "the real filter change")
-    replay = ("BEGIN; "
-              "SELECT pg_logical_emit_message(true, 'wal_listener.config', wal_listener._signed('{\"version\": 1}')); "
-              "SELECT pg_logical_emit_message(true, 'wal_listener.config', wal_listener._signed("
-              "jsonb_build_object('version', 1, 'relid', 't'::regclass::oid::bigint, 'table', 't', "
-              "'actions', ARRAY['insert'], 'subject', null)::text)); "
-              "COMMIT")
-    cluster.execute(replay)
+    signed = cluster.execute(
+        "SELECT wal_listener._signed('{\"version\": 1}') AS header, wal_listener._signed("
+        "jsonb_build_object('version', 1, 'relid', 't'::regclass::oid::bigint, 'table', 't', "
+        "'actions', ARRAY['insert'], 'subject', null)::text) AS rule")[0]
+    with psycopg.connect(host=str(cluster.dir), port=cluster.port, user="postgres", dbname="app",
+                         autocommit=True) as conn:
+        with conn.transaction():
+            for content in (signed["header"], signed["rule"]):
+                conn.execute("SELECT pg_logical_emit_message(true, 'wal_listener.config', %s::text)", (content,))
     cluster.execute("INSERT INTO t VALUES (1); INSERT INTO u VALUES (1)")
     assert wait_for_count(nats_server.url, 1) == 1
     time.sleep(1)
     events = read_stream(nats_server.url)
-    assert [(e.body["table"], e.body["data"]["id"]) for e in events] == [("u", 1)], "version 1 applied twice"
-    assert "ignored filters version 1" in cluster.log()
+    assert [(e.body["table"], e.body["data"]["id"]) for e in events] == [("u", 1)], "version 1 applied again"
+    assert "ignored 2 config message(s)" in cluster.log()

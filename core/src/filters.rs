@@ -118,24 +118,27 @@ impl Filters {
 }
 
 /// A config message's payload, if `content` is `<mac> <payload>` with the
-/// MAC that `wal_listener._sign` (api.sql) computes with `key`: the hex of
-/// SHA-256(key || SHA-256(key || payload)). Any role may write a logical
+/// MAC that `wal_listener._signed` (api.sql) computes with `key` in
+/// transaction `xid` (see [`message_mac`]). Any role may write a logical
 /// message with our prefix (`pg_logical_emit_message` is PUBLIC); only the
 /// extension's triggers can read the key.
-pub fn verified_payload<'c>(key: &[u8], content: &'c [u8]) -> Option<&'c [u8]> {
+pub fn verified_payload<'c>(key: &[u8], xid: u32, content: &'c [u8]) -> Option<&'c [u8]> {
     let space = content.iter().position(|&b| b == b' ')?;
     let (mac, payload) = (&content[..space], &content[space + 1..]);
-    (mac == message_mac(key, payload).as_bytes()).then_some(payload)
+    (mac == message_mac(key, xid, payload).as_bytes()).then_some(payload)
 }
 
-/// The hex MAC of `payload` under `key` (see [`verified_payload`]).
-pub fn message_mac(key: &[u8], payload: &[u8]) -> String {
+/// The hex MAC of `payload` written by transaction `xid` (its 32 bits, as
+/// pgoutput's BEGIN gives it) under `key`: SHA-256(key || SHA-256(key ||
+/// "<xid> " || payload)). The xid binds a message to its transaction, so a
+/// copy replayed in another one does not verify.
+pub fn message_mac(key: &[u8], xid: u32, payload: &[u8]) -> String {
     let sha256 = |parts: &[&[u8]]| {
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         parts.iter().for_each(|part| context.update(part));
         context.finish()
     };
-    let inner = sha256(&[key, payload]);
+    let inner = sha256(&[key, format!("{xid} ").as_bytes(), payload]);
     sha256(&[key, inner.as_ref()]).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -339,15 +342,19 @@ mod tests {
     fn only_messages_signed_with_the_key_are_taken() {
         let key = b"0123456789abcdef";
         let payload = br#"{"version": 2}"#;
-        let signed = format!("{} {}", message_mac(key, payload), std::str::from_utf8(payload).unwrap());
-        assert_eq!(verified_payload(key, signed.as_bytes()), Some(&payload[..]));
-        assert_eq!(verified_payload(b"another key", signed.as_bytes()), None);
+        let signed = format!("{} {}", message_mac(key, 7, payload), std::str::from_utf8(payload).unwrap());
+        assert_eq!(verified_payload(key, 7, signed.as_bytes()), Some(&payload[..]));
+        assert_eq!(verified_payload(b"another key", 7, signed.as_bytes()), None);
+        assert_eq!(verified_payload(key, 8, signed.as_bytes()), None, "a copy in another transaction");
         let forged = signed.replace("2}", "99}");
-        assert_eq!(verified_payload(key, forged.as_bytes()), None);
-        assert_eq!(verified_payload(key, payload), None, "unsigned");
-        assert_eq!(verified_payload(key, b""), None);
+        assert_eq!(verified_payload(key, 7, forged.as_bytes()), None);
+        assert_eq!(verified_payload(key, 7, payload), None, "unsigned");
+        assert_eq!(verified_payload(key, 7, b""), None);
         // SHA-256 of "" is e3b0…: the MAC is nested, not that.
-        assert_eq!(message_mac(b"", b"").len(), 64);
-        assert_ne!(message_mac(b"", b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(message_mac(b"", 0, b"").len(), 64);
+        assert_ne!(
+            message_mac(b"", 0, b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 }

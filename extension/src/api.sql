@@ -52,11 +52,15 @@ ALTER TABLE message_key ENABLE ROW LEVEL SECURITY;
 INSERT INTO message_key
     SELECT sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text, 'UTF8'));
 
--- <mac> <payload>: the hex of SHA-256(key || SHA-256(key || payload)).
+-- <mac> <payload>: the hex of SHA-256(key || SHA-256(key || "<xid> " ||
+-- payload)), xid being the low 32 bits of this transaction's id (what
+-- pgoutput's BEGIN carries): a copy in another transaction does not verify.
 CREATE FUNCTION _signed(p_payload text) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT encode(sha256(k.key || sha256(k.key || convert_to(p_payload, 'UTF8'))), 'hex') || ' ' || p_payload
+    SELECT encode(sha256(k.key || sha256(k.key || convert_to(
+               (pg_current_xact_id()::text::numeric % 4294967296)::text || ' ' || p_payload, 'UTF8'))), 'hex')
+           || ' ' || p_payload
       FROM @extschema@.message_key k
 $$;
 

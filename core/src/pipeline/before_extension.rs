@@ -169,7 +169,9 @@ async fn wait_for_end(source: &SourceConfig, xid: u32, board: &StatusBoard, mut 
             match session.one_value(&query).await {
                 Ok(state) => match state {
                     None => return,
-                    Some(wait_event) if wait_event == "SyncRep" => release(),
+                    // A prepared transaction whose commit was decoded is in
+                    // COMMIT PREPARED, which may wait for synchronous replication.
+                    Some(state) if state == "SyncRep" || state == "prepared" => release(),
                     Some(_) => {}
                 },
                 Err(_) => sql = None,

@@ -323,7 +323,9 @@ impl Streamer {
         }
         if let Some(Transaction { begin, config_messages, .. }) = transaction {
             if !config_messages.is_empty() {
-                if let Some(change) = self.verified_filter_change(&config_messages, begin.final_lsn).await? {
+                if let Some(change) =
+                    self.verified_filter_change(&config_messages, begin.xid, begin.final_lsn).await?
+                {
                     self.apply_filter_change(&change, begin.final_lsn).await?;
                 }
             }
@@ -350,6 +352,7 @@ impl Streamer {
     async fn verified_filter_change(
         &mut self,
         messages: &[Vec<u8>],
+        xid: u32,
         commit_lsn: Lsn,
     ) -> Result<Option<FilterChange>, Error> {
         if self.message_key.is_none() {
@@ -359,7 +362,7 @@ impl Streamer {
         let mut change = FilterChange::default();
         let mut forged = 0;
         for content in messages {
-            match crate::filters::verified_payload(key, content) {
+            match crate::filters::verified_payload(key, xid, content) {
                 Some(payload) => change.add_message(payload).map_err(|e| {
                     Error::Setup(format!(
                         "{e}; the extension's tables or triggers were altered, recreate the extension"
@@ -373,8 +376,8 @@ impl Streamer {
                 LogLevel::Warning,
                 format!(
                     "ignored {forged} config message(s) in the transaction committed at {commit_lsn}: not \
-                     written by wal_listener's triggers (a pg_logical_emit_message with prefix \
-                     {} from another role)",
+                     written by wal_listener's triggers in that transaction (a pg_logical_emit_message \
+                     with prefix {} from another role, or a copy of one)",
                     replication::CONFIG_MESSAGE_PREFIX
                 ),
             );
@@ -387,15 +390,15 @@ impl Streamer {
     /// confirmed before, so a restart starts with the right filters.
     async fn apply_filter_change(&mut self, change: &FilterChange, commit_lsn: Lsn) -> Result<(), Error> {
         let Some((version, rules)) = change.newest() else { return Ok(()) };
-        if version <= self.filter_version {
-            // The API writes each version once, in a new number: an old
-            // number is a hand-written row or a signed message replayed
-            // by someone who saw it (the version in force included).
+        // Equal is allowed: a restore writes a version's header and its
+        // rules in two transactions (COPY of config_changes, then of
+        // filter_rules), and the second completes the version.
+        if version < self.filter_version {
+            // Only hand-written rows of an old version; the API never writes those.
             self.board.log(
                 LogLevel::Warning,
                 format!(
-                    "ignored filters version {version} written at {commit_lsn}: version {} is in force, and \
-                     a version takes effect only once",
+                    "ignored rows of filters version {version} written at {commit_lsn}: version {} is newer",
                     self.filter_version
                 ),
             );
