@@ -175,10 +175,12 @@ impl StatusBoard {
     /// Records (or clears, with `None`) why the server holds back every
     /// change; logged when it changes.
     pub fn set_held(&self, held: Option<Held>) {
+        // Already holding for another reason: the new one replaces it at once.
+        let holding = lock(&self.held).is_some();
         let reason = {
             let mut once = lock(&self.held_once);
             match held {
-                Some(Held { reason, certain: false }) if once.as_ref() != Some(&reason) => {
+                Some(Held { reason, certain: false }) if !holding && once.as_ref() != Some(&reason) => {
                     *once = Some(reason);
                     return;
                 }
@@ -439,6 +441,8 @@ mod tests {
         assert_eq!(board.snapshot().state, State::Streaming, "not twice in a row");
         board.set_held(held(false));
         assert_eq!(board.snapshot().state, State::Waiting);
+        board.set_held(Some(Held { reason: "other".into(), certain: false }));
+        assert_eq!(board.snapshot().last_error.as_deref(), Some("other"), "still held: the reason follows");
         board.set_held(None);
         board.set_held(held(true));
         let snap = board.snapshot();
@@ -449,6 +453,9 @@ mod tests {
         board.set_held(None);
         assert_eq!((board.snapshot().state, board.snapshot().last_error), (State::Streaming, None));
         let levels: Vec<LogLevel> = board.drain_log().into_iter().map(|l| l.level).collect();
-        assert_eq!(levels, vec![LogLevel::Warning, LogLevel::Info, LogLevel::Warning, LogLevel::Info]);
+        assert_eq!(
+            levels,
+            vec![LogLevel::Warning, LogLevel::Warning, LogLevel::Info, LogLevel::Warning, LogLevel::Info]
+        );
     }
 }

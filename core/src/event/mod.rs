@@ -189,9 +189,7 @@ pub fn encode_event_with(
     out.extend_from_slice(b"\",\"primaryKey\":");
     write_names(out, relation.columns.iter().filter(|c| c.is_key).map(|c| c.name.as_str()));
     out.extend_from_slice(b",\"lsn\":\"");
-    json::write_upper_hex(out, (position.commit_lsn.0 >> 32) as u32);
-    out.push(b'/');
-    json::write_upper_hex(out, position.commit_lsn.0 as u32);
+    write_lsn(out, position.commit_lsn);
     out.extend_from_slice(b"\",\"xid\":");
     json::write_decimal(out, u64::from(position.xid), 0);
     out.extend_from_slice(b",\"ordinal\":");
@@ -358,9 +356,7 @@ pub fn encode_end(out: &mut Vec<u8>, id: &str, position: &Position, subjects: &[
     out.extend_from_slice(b"\",\"action\":\"END\",\"commitTime\":\"");
     time::write_rfc3339_utc(out, position.commit_time);
     out.extend_from_slice(b"\",\"lsn\":\"");
-    json::write_upper_hex(out, (position.commit_lsn.0 >> 32) as u32);
-    out.push(b'/');
-    json::write_upper_hex(out, position.commit_lsn.0 as u32);
+    write_lsn(out, position.commit_lsn);
     out.extend_from_slice(b"\",\"xid\":");
     json::write_decimal(out, u64::from(position.xid), 0);
     out.extend_from_slice(b",\"events\":");
@@ -398,6 +394,13 @@ pub fn default_subject(topic: &str, topic_prefix: &str, schema: &str, table: &st
     subject.push('_');
     subject.extend(table.chars().map(token_safe));
     subject
+}
+
+/// An LSN as Postgres prints it: `XXX/XXXXXXXX`, upper-case hex.
+fn write_lsn(out: &mut Vec<u8>, lsn: Lsn) {
+    json::write_upper_hex(out, (lsn.0 >> 32) as u32);
+    out.push(b'/');
+    json::write_upper_hex(out, lsn.0 as u32);
 }
 
 #[cfg(test)]

@@ -181,8 +181,9 @@ async fn wait_for_end(source: &SourceConfig, xid: u32, board: &StatusBoard, mut 
             told = true;
             board.report_waiting(format!(
                 "waiting for the end of transaction {xid}, which wrote the \"{CREATED_MARKER_PREFIX}\" marker \
-                 of CREATE EXTENSION (see pg_stat_activity.backend_xid; a commit waiting for the standbys \
-                 synchronous_standby_names names waits here too)"
+                 of CREATE EXTENSION (pg_stat_activity.backend_xid). When it waits for synchronous replication \
+                 (wait_event SyncRep) and synchronous_standby_names names the worker, nothing of the cluster \
+                 commits meanwhile: end that transaction (pg_cancel_backend) or name your standbys"
             ));
         }
         tokio::time::sleep(if sql.is_some() { pause } else { END_POLL_MAX }).await;
