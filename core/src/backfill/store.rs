@@ -4,7 +4,7 @@
 
 use crate::backfill::window::Watermark;
 use crate::pgoutput::{Column, Relation};
-use crate::replication::connection::{quote_ident, quote_literal, Sql};
+use crate::replication::connection::{column, column_text, quote_ident, quote_literal, Sql};
 use crate::Error;
 
 pub const JOBS_TABLE: &str = "wal_listener.backfill_jobs";
@@ -63,7 +63,7 @@ pub async fn next_job(sql: &mut Sql) -> Result<Option<Job>, Error> {
         ))
         .await?;
     let Some(row) = rows.into_iter().next() else { return Ok(None) };
-    let text = |i: usize| row.get(i).cloned().flatten();
+    let text = |i: usize| column(&row, i);
     let number = |i: usize| text(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
     Ok(Some(Job {
         id: number(0),
@@ -163,7 +163,7 @@ pub async fn shape(sql: &mut Sql, job: &Job, publication: &str) -> Result<Shape,
         .await?;
     let gone = || Error::Setup(format!("backfill {}: table {} no longer exists", job.id, job.table_name));
     let first = rows.first().ok_or_else(gone)?;
-    let text = |row: &Vec<Option<String>>, i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let text = |row: &Vec<Option<String>>, i: usize| column_text(row, i);
     if text(first, 10) == "0" {
         return Err(Error::Setup(format!(
             "backfill {}: table {} is not in publication {publication} any more",
@@ -388,7 +388,7 @@ pub async fn committing_writers(sql: &mut Sql, table: u32) -> Result<Vec<Writer>
     Ok(rows
         .into_iter()
         .map(|row| {
-            let text = |i: usize| row.get(i).cloned().flatten();
+            let text = |i: usize| column(&row, i);
             let what = match (text(4), text(1)) {
                 (Some(gid), _) => format!("prepared transaction {}", quote_literal(&gid)),
                 (None, Some(pid)) => match (text(2), text(3)) {

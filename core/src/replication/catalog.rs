@@ -2,7 +2,7 @@
 
 use crate::config::SourceConfig;
 use crate::event::TypeRow;
-use crate::replication::connection::Sql;
+use crate::replication::connection::{column_text, Sql};
 use crate::Error;
 
 /// Reads what decides the JSON form of `oids` and of every type they refer
@@ -25,7 +25,7 @@ pub async fn lookup_types(cfg: &SourceConfig, oids: &[u32]) -> Result<Vec<TypeRo
     let rows = Sql::side(cfg).await?.rows(&query).await?;
     rows.into_iter()
         .map(|row| {
-            let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+            let text = |i: usize| column_text(&row, i);
             let number = |i: usize| text(i).parse::<u32>().ok();
             let byte = |i: usize| text(i).bytes().next();
             Some(TypeRow {

@@ -5,7 +5,7 @@
 
 use crate::config::SourceConfig;
 use crate::filters::Filters;
-use crate::replication::connection::{is_lock_timeout, quote_literal, Sql, LOCK_TIMEOUT};
+use crate::replication::connection::{column_text, is_lock_timeout, quote_literal, Sql, LOCK_TIMEOUT};
 use crate::replication::{APPLIED_VERSIONS_TABLE, CAPTURE_START_TABLE, CONFIG_TABLE, FILTER_RULES_TABLE};
 use crate::{Error, Lsn};
 
@@ -24,7 +24,7 @@ pub async fn in_force_at(sql: &mut Sql, start_lsn: Lsn) -> Result<FilterVersion,
           ORDER BY version DESC LIMIT 1"
     );
     let Some(row) = sql.rows(&query).await?.into_iter().next() else { return Ok(FilterVersion::default()) };
-    let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let text = |i: usize| column_text(&row, i);
     let version =
         text(0).parse().map_err(|_| Error::Replication(format!("bad filters version {:?}", text(0))))?;
     let filters =

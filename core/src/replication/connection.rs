@@ -150,6 +150,16 @@ impl Sql {
     }
 }
 
+/// Column `i` of a row that [`Sql::rows`] returned; `None` when NULL or absent.
+pub fn column(row: &[Option<String>], i: usize) -> Option<String> {
+    row.get(i).cloned().flatten()
+}
+
+/// Column `i` of a row that [`Sql::rows`] returned; `""` when NULL or absent.
+pub fn column_text(row: &[Option<String>], i: usize) -> String {
+    column(row, i).unwrap_or_default()
+}
+
 /// The SQLSTATE of a server error, as the replication client ends its
 /// message ("... (SQLSTATE 55P03)"); `None` when the server sent
 /// no error (the connection broke, a timeout, a protocol fault).

@@ -13,7 +13,9 @@ use crate::audit;
 use crate::config::SourceConfig;
 use crate::{Error, Lsn};
 use config_store::FilterVersion;
-use connection::{is_missing_database, quote_ident, quote_literal, Sql, STREAM_APPLICATION_NAME};
+use connection::{
+    column, column_text, is_missing_database, quote_ident, quote_literal, Sql, STREAM_APPLICATION_NAME,
+};
 
 /// Schema of the extension (its control file fixes it); its tables are never published.
 pub const EXTENSION_SCHEMA: &str = "wal_listener";
@@ -149,7 +151,7 @@ async fn prepare(sql: &mut Sql, cfg: &SourceConfig) -> Result<Prepared, OpenErro
         )
         .await?;
     let row = settings.into_iter().next().unwrap_or_default();
-    let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let text = |i: usize| column_text(&row, i);
     let version_num: u32 = text(5).parse().unwrap_or(0);
     if text(1) == "true" {
         return Err(OpenError::NotReady {
@@ -176,7 +178,7 @@ async fn prepare(sql: &mut Sql, cfg: &SourceConfig) -> Result<Prepared, OpenErro
         ))
         .into());
     }
-    let extension_installed = cfg.require_extension && row.get(4).cloned().flatten().is_some();
+    let extension_installed = cfg.require_extension && column(&row, 4).is_some();
 
     // Before the slot: decoding a change older than the publication it is
     // asked for fails (PostgreSQL before 18).
@@ -204,7 +206,7 @@ pub async fn primary_audit(sql: &mut Sql, cfg: &SourceConfig) -> Result<PrimaryA
         ))
         .await?;
     let row = rows.into_iter().next().unwrap_or_default();
-    let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let text = |i: usize| column_text(&row, i);
     let mut findings: Vec<String> =
         audit::sync_standby_warning(&text(1), STREAM_APPLICATION_NAME).into_iter().collect();
     let settings = audit::PrimarySettings {
@@ -227,7 +229,7 @@ pub async fn primary_audit(sql: &mut Sql, cfg: &SourceConfig) -> Result<PrimaryA
             .await?
             .into_iter()
             .map(|row| {
-                let text = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+                let text = |i: usize| column_text(&row, i);
                 audit::ServerSlot {
                     name: text(0),
                     physical: text(1) == "physical",
@@ -268,7 +270,7 @@ async fn standby_audit(sql: &mut Sql, cfg: &SourceConfig, version_num: u32) -> R
             ))
             .await?;
         let row = rows.into_iter().next().unwrap_or_default();
-        let text = |i: usize| row.get(i).cloned().flatten();
+        let text = |i: usize| column(&row, i);
         settings.sync_replication_slots = text(0).as_deref() == Some("on");
         settings.hot_standby_feedback = text(1).as_deref() == Some("on");
         settings.primary_slot_name = text(2).unwrap_or_default();

@@ -3,7 +3,7 @@
 //! WAL it retains.
 
 use crate::config::SourceConfig;
-use crate::replication::connection::{quote_ident, quote_literal, Sql};
+use crate::replication::connection::{column, quote_ident, quote_literal, Sql};
 use crate::replication::{HEARTBEAT_PREFIX, STREAMED_SLOTS_TABLE};
 use crate::{Error, Lsn};
 
@@ -146,7 +146,7 @@ pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Checked, Error
         quote_literal(&cfg.slot)
     );
     let retention = sql.rows(&query).await?.into_iter().next().map(|row| {
-        let number = |i: usize| row.get(i).cloned().flatten().and_then(|v| v.parse::<i64>().ok());
+        let number = |i: usize| column(&row, i).and_then(|v| v.parse::<i64>().ok());
         SlotRetention {
             // NULL once the slot is invalidated: nothing retained any more.
             retained_bytes: number(0).unwrap_or(0).max(0) as u64,
