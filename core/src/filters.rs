@@ -115,6 +115,32 @@ impl Filters {
         }
         Ok(Filters { by_relation })
     }
+
+    /// The rules as [`from_json`](Self::from_json) reads them, by relid.
+    pub fn to_json(&self) -> String {
+        let mut relids: Vec<&u32> = self.by_relation.keys().collect();
+        relids.sort();
+        let rows: Vec<serde_json::Value> = relids
+            .into_iter()
+            .map(|relid| {
+                let rule = &self.by_relation[relid];
+                serde_json::json!({
+                    "relid": relid,
+                    "table": rule.table,
+                    "actions": action_names(rule.actions),
+                    "subject": rule.subject,
+                })
+            })
+            .collect();
+        serde_json::Value::from(rows).to_string()
+    }
+
+    /// These rules with `more` added, a table's rule in `more` replacing
+    /// its rule here: one version written by several transactions.
+    pub fn with(mut self, more: Filters) -> Filters {
+        self.by_relation.extend(more.by_relation);
+        self
+    }
 }
 
 /// A config message's payload, if `content` is `<mac> <payload>` with the
@@ -356,5 +382,25 @@ mod tests {
             message_mac(b"", 0, b""),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    #[test]
+    fn a_version_written_in_parts_adds_up_and_round_trips() {
+        let a = Filters::from_json(
+            r#"[{"relid": 2, "table": "b", "actions": ["delete", "insert"], "subject": "x.b"}]"#,
+        )
+        .unwrap();
+        let b = Filters::from_json(r#"[{"relid": 1, "table": "a", "actions": ["update"], "subject": null},
+                                       {"relid": 2, "table": "b", "actions": ["truncate"], "subject": null}]"#)
+            .unwrap();
+        let both = a.clone().with(b);
+        assert_eq!(both.len(), 2);
+        assert_eq!(
+            both.to_json(),
+            r#"[{"actions":["update"],"relid":1,"subject":null,"table":"a"},{"actions":["truncate"],"relid":2,"subject":null,"table":"b"}]"#
+        );
+        assert_eq!(Filters::from_json(&both.to_json()).unwrap(), both);
+        assert_eq!(Filters::from_json(&a.to_json()).unwrap(), a);
+        assert_eq!(Filters::default().to_json(), "[]");
     }
 }

@@ -33,8 +33,10 @@ pub async fn in_force_at(sql: &mut Sql, start_lsn: Lsn) -> Result<FilterVersion,
 }
 
 /// Records that `version`, with `rules` (the JSON array its messages
-/// carried), took effect at the commit at `commit_lsn`. Called before any
-/// LSN past that commit is confirmed. An insert, not an update of the
+/// carried), took effect at the commit at `commit_lsn`; a version written
+/// in parts keeps its first part's position (a restart after it replays
+/// the later parts, which add nothing new to the rules recorded). Called
+/// before any LSN past that commit is confirmed. An insert, not an update of the
 /// version's own row: that row is not visible yet while its commit waits
 /// for a synchronous standby, which may be the worker's own walsender.
 /// Returns a WAL position at or past the end of the inserting transaction.
@@ -44,7 +46,9 @@ pub async fn record(cfg: &SourceConfig, version: i64, commit_lsn: Lsn, rules: &s
         sql.execute(&format!(
             "INSERT INTO {APPLIED_VERSIONS_TABLE} (version, commit_lsn, rules) \
              VALUES ({version}, '{commit_lsn}', {}::jsonb) \
-             ON CONFLICT (version) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, rules = EXCLUDED.rules",
+             ON CONFLICT (version) DO UPDATE \
+               SET commit_lsn = LEAST({APPLIED_VERSIONS_TABLE}.commit_lsn, EXCLUDED.commit_lsn), \
+                   rules = EXCLUDED.rules",
             quote_literal(rules)
         ))
         .await?;

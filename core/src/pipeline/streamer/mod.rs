@@ -390,9 +390,6 @@ impl Streamer {
     /// confirmed before, so a restart starts with the right filters.
     async fn apply_filter_change(&mut self, change: &FilterChange, commit_lsn: Lsn) -> Result<(), Error> {
         let Some((version, rules)) = change.newest() else { return Ok(()) };
-        // Equal is allowed: a restore writes a version's header and its
-        // rules in two transactions (COPY of config_changes, then of
-        // filter_rules), and the second completes the version.
         if version < self.filter_version {
             // Only hand-written rows of an old version; the API never writes those.
             self.board.log(
@@ -404,8 +401,19 @@ impl Streamer {
             );
             return Ok(());
         }
-        let filters = Filters::from_json(&rules)
+        let mut filters = Filters::from_json(&rules)
             .map_err(|e| Error::Setup(format!("filters version {version}: {e}")))?;
+        let mut rules = rules;
+        if version == self.filter_version {
+            // A restore writes one version in several transactions (the
+            // header, then its rules: one COPY, or one INSERT each with
+            // --inserts, in any order with pg_restore -j): each adds to it.
+            if filters.is_empty() {
+                return Ok(());
+            }
+            filters = self.filters.clone().with(filters);
+            rules = filters.to_json();
+        }
         #[cfg(feature = "fault-injection")]
         if self.inject_fault == Some(crate::failpoints::InjectedFault::SlowFilterRecord) {
             self.board.log(
