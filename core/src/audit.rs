@@ -74,9 +74,12 @@ mod tests {
             ("\"wal,listener\"", false),
             ("\"a\"\"b\", wal_listener", true),
             ("wal_listener_side", false),
+            ("\"x,wal_listener\"", false),
+            (")wal_listener(", false),
         ] {
             assert_eq!(sync_standby_names_match(setting, "wal_listener"), matches, "{setting:?}");
         }
+        assert!(sync_standby_names_match("\"a\"\"b\"", "a\"b"), "\"\" is a quote inside a quoted name");
         assert!(sync_standby_warning("*", "wal_listener").unwrap().contains("name your standbys"));
         assert_eq!(sync_standby_warning("s1", "wal_listener"), None);
     }
@@ -109,8 +112,12 @@ mod tests {
         }
         gaps.slot = None;
         assert!(standby_findings(&gaps, "s").join("\n").contains("not synced to this standby yet"));
+        gaps.slot = Some(SyncedSlot { synced: false, temporary: false, invalidation_reason: None });
+        assert!(standby_findings(&gaps, "s").join("\n").contains("was not synced from the primary"));
         let old = StandbySettings { version_num: 150_020, ..Default::default() };
         assert!(standby_findings(&old, "s")[0].starts_with("PostgreSQL 15 has no failover slots"));
+        let first = StandbySettings { version_num: FAILOVER_SLOTS_VERSION, ..ready_standby() };
+        assert!(standby_findings(&first, "s").is_empty(), "17.0 has failover slots");
     }
 
     #[test]
@@ -137,6 +144,8 @@ mod tests {
         let off = PrimarySettings { failover_wanted: false, ..safe.clone() };
         assert!(primary_findings(&off, "s")[0].contains("is not a failover slot"));
         assert!(primary_findings(&PrimarySettings { has_standbys: false, ..unset }, "s").is_empty());
+        let first = PrimarySettings { version_num: FAILOVER_SLOTS_VERSION, ..safe.clone() };
+        assert!(primary_findings(&first, "s").is_empty(), "17.0 has failover slots");
         let old = PrimarySettings { version_num: 150_000, ..safe };
         assert!(primary_findings(&old, "s")[0].contains("PostgreSQL 15 has no failover slots"));
     }
