@@ -402,5 +402,6 @@ mod tests {
         assert_eq!(Filters::from_json(&both.to_json()).unwrap(), both);
         assert_eq!(Filters::from_json(&a.to_json()).unwrap(), a);
         assert_eq!(Filters::default().to_json(), "[]");
+        assert!(Filters::default().is_empty() && !a.is_empty());
     }
 }
