@@ -82,14 +82,13 @@ pub async fn skip_until_created(
             }
             ReplicationEvent::Commit { end_lsn, .. } if created => {
                 let end = Lsn::from(end_lsn);
-                let release = |client: &mut ReplicationClient| {
-                    client.update_applied_lsn(end_lsn);
-                    board.set_confirmed_lsn(end);
-                };
-                let mut release = (!publishes_something).then_some(release);
+                // What would be published must not be confirmed first.
+                let mut released = publishes_something;
                 wait_for_end(source, xid, board, || {
-                    if let Some(release) = release.take() {
-                        release(&mut client);
+                    if !released {
+                        released = true;
+                        client.update_applied_lsn(end_lsn);
+                        board.set_confirmed_lsn(end);
                     }
                 })
                 .await;
@@ -147,7 +146,7 @@ fn writes_a_user_row(data: &[u8], extension_relations: &mut HashMap<u32, bool>) 
 /// Waits until transaction `xid`, whose commit record was decoded, has
 /// ended: no backend holds it and it is not a prepared transaction. It is
 /// then visible to every new snapshot. While it waits for synchronous
-/// replication, `release` is called (once by the caller's choice). Errors
+/// replication (or COMMIT PREPARED), `release` is called at each look. Errors
 /// of the side session are retried: leaving with a guess would either lose
 /// the marker or skip the extension.
 async fn wait_for_end(source: &SourceConfig, xid: u32, board: &StatusBoard, mut release: impl FnMut()) {

@@ -22,10 +22,6 @@ use streamer::{BackfillLink, Start, Streamer};
 
 /// How long to wait before checking again when streaming cannot start yet.
 const NOT_READY_RETRY: Duration = Duration::from_secs(2);
-/// First pause when the extension's transaction arrives again and still
-/// cannot be seen (see `before_extension`: rows of its own, and a commit
-/// waiting for this worker as synchronous standby).
-const CREATED_RETRY_FIRST: Duration = Duration::from_millis(10);
 
 /// What the host may ask of a running pipeline.
 #[derive(Default, Clone)]
@@ -50,7 +46,6 @@ pub async fn run_supervised(
     let slot_watch = tokio::spawn(slot_watch::run(config.clone(), board.clone()));
     let mut delay: Option<Duration> = None;
     let mut waiting_reason: Option<String> = None;
-    let mut created_retry: Option<Duration> = None;
     while !*shutdown.borrow() {
         let cfg = config.borrow_and_update().clone();
         #[cfg(feature = "fault-injection")]
@@ -87,22 +82,9 @@ pub async fn run_supervised(
             }
         };
         let pause = match outcome {
-            // The extension's transaction arrived: publish at once, unless
-            // it did last time too (it could not be seen), then after a
-            // growing pause rather than a session per millisecond.
-            Ok(()) => {
-                let next = match created_retry {
-                    None => {
-                        created_retry = Some(CREATED_RETRY_FIRST);
-                        continue;
-                    }
-                    Some(d) => d,
-                };
-                created_retry = Some((next * 2).min(cfg.max_backoff));
-                next
-            }
+            // The extension's transaction arrived and is visible: publish.
+            Ok(()) => continue,
             Err(OpenError::NotReady { reason, warnings }) => {
-                created_retry = None;
                 board.set_warnings(WarningSource::Postgres, warnings);
                 board.set_state(State::Waiting);
                 if waiting_reason.as_ref() != Some(&reason) {
@@ -118,7 +100,6 @@ pub async fn run_supervised(
             }
             Err(OpenError::Failed(error)) => {
                 waiting_reason = None;
-                created_retry = None;
                 // A session that streamed for a while earns a fresh, short delay.
                 let next = match delay {
                     Some(d) if started.elapsed() < cfg.max_backoff => (d * 2).min(cfg.max_backoff),
