@@ -389,7 +389,7 @@ impl Streamer {
     /// recording where it took effect: nothing past this commit is
     /// confirmed before, so a restart starts with the right filters.
     async fn apply_filter_change(&mut self, change: &FilterChange, commit_lsn: Lsn) -> Result<(), Error> {
-        let Some((version, rules)) = change.newest() else { return Ok(()) };
+        let Some((version, mut rules)) = change.newest() else { return Ok(()) };
         if version < self.filter_version {
             // Only hand-written rows of an old version; the API never writes those.
             self.board.log(
@@ -403,7 +403,6 @@ impl Streamer {
         }
         let mut filters = Filters::from_json(&rules)
             .map_err(|e| Error::Setup(format!("filters version {version}: {e}")))?;
-        let mut rules = rules;
         if version == self.filter_version {
             // A restore writes one version in several transactions (the
             // header, then its rules: one COPY, or one INSERT each with
