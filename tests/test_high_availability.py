@@ -59,6 +59,10 @@ class Loader(threading.Thread):
     def wait_for(self, rows: int, timeout: float = 120):
         wait_until(lambda: len(self.acked) >= rows, timeout, f"{rows} loader rows")
 
+    def finish(self, more: int = 100):
+        """Ends a loader started with an open-ended `rows` after `more` rows."""
+        self.rows = self.next + more
+
 
 def check_every_row_once_in_order(server: Postgres, url: str, loader: Loader):
     loader.join(timeout=300)
@@ -272,11 +276,15 @@ def test_a_nats_cluster_loses_its_leader_then_its_quorum_and_nothing_is_lost(mak
         assert cluster.status()["warnings"] == []
         cluster.execute("CREATE TABLE load (n int PRIMARY KEY)")
         url = nats_cluster.url
-        loader = Loader(cluster, rows=3000, pause=0.01)
+        # Open-ended: a stall is timed to the first event of a row committed
+        # after the fault, so rows must still be coming then (a loader that
+        # had finished made the wait unsatisfiable on a fast machine).
+        loader = Loader(cluster, rows=10**9, pause=0.01)
         loader.start()
         loader.wait_for(500)
 
         def stall(fault: str, row: int, started: float):
+            assert loader.is_alive(), "the loader stopped before the fault"
             wait_until(lambda: last_number(url) > row, 120, f"delivery after {fault}", 0.05)
             print(f"\n{fault}: events flow again {time.monotonic() - started:.2f} s after")
 
@@ -300,6 +308,7 @@ def test_a_nats_cluster_loses_its_leader_then_its_quorum_and_nothing_is_lost(mak
         leader.start()
         other.start()
         stall("both nodes back (timed from their restart)", row, started)
+        loader.finish()
         check_every_row_once_in_order(cluster, url, loader)
     finally:
         nats_cluster.destroy()
