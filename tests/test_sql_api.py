@@ -5,7 +5,7 @@ import psycopg
 import pytest
 
 from conftest import PG_VERSION
-from harness import Nats, Postgres
+from harness import Nats, Postgres, has_module
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,7 @@ def test_secret_settings_never_show_their_value(db, guc):
             assert conn.execute("SELECT reset_val FROM pg_settings WHERE name = %s", (guc,)).fetchall() == []
 
 
+@pytest.mark.skipif(not has_module(PG_VERSION, "pg_stat_statements"), reason="this PostgreSQL build has no contrib modules (pg_stat_statements)")
 def test_errors_raised_under_an_earlier_processutility_hook_leave_every_session_standing(make_cluster):
     """With pg_stat_statements loaded first, our hook calls its hook; an
     ERROR raised there (inside a PL/pgSQL exception block too) unwinds
