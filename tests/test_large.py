@@ -4,6 +4,7 @@ and a stalled NATS does not get the walsender disconnected."""
 import signal
 import time
 
+from conftest import on_one_version
 from harness import Nats, PeakMemory, inserted_numbers, read_stream, stream_count, wait_for_count, wait_until
 
 # The issue's target for the worker's own memory (anonymous RSS).
@@ -47,6 +48,7 @@ def test_one_transaction_of_a_million_rows(streaming, nats_server):
     assert peak <= MEMORY_LIMIT_MIB
 
 
+@on_one_version("18")
 def test_200k_transactions_of_10_rows(streaming, nats_server):
     streaming.execute("CREATE TABLE small (n int)")
     streaming.execute(
@@ -89,6 +91,7 @@ def test_stalled_nats_does_not_get_the_walsender_disconnected(make_cluster, nats
     assert [r["pid"] for r in after] == [walsender]
 
 
+@on_one_version("15")
 def test_memory_is_bounded_in_bytes_while_nats_is_frozen(make_cluster):
     """400 rows of 1 MiB while nats-server is frozen: the worker holds at most
     max_in_flight_bytes of unacked payloads plus its read-ahead (a quarter of
@@ -119,6 +122,7 @@ def test_memory_is_bounded_in_bytes_while_nats_is_frozen(make_cluster):
         big_nats.destroy()
 
 
+@on_one_version("18")
 def test_nats_frozen_past_the_ack_timeout_confirms_nothing_of_the_transaction(streaming, nats_server):
     streaming.execute("CREATE TABLE t (n int)")
     nats_server.process.send_signal(signal.SIGSTOP)
