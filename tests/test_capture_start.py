@@ -175,15 +175,19 @@ def test_a_replay_from_before_create_extension_publishes_nothing_from_before(mak
     cluster.execute("CREATE EXTENSION wal_listener")
     cluster.execute("INSERT INTO t VALUES (2)")
     assert wait_for_count(nats_server.url, 1, timeout=60) == 1
-    os.kill(cluster.worker_pid(), signal.SIGKILL)  # the postmaster resets the cluster
-    wait_until(lambda: _streaming(cluster), 60, "the worker to stream after the crash")
+    killed = cluster.worker_pid()
+    os.kill(killed, signal.SIGKILL)  # the postmaster resets the cluster
+    # Until the postmaster notices, status() still shows the dead worker
+    # streaming: wait for a new worker.
+    wait_until(lambda: _streaming(cluster, killed), 60, "a new worker to stream after the crash")
     cluster.execute("INSERT INTO t VALUES (3)")
     assert wait_for_count(nats_server.url, 2, timeout=60) == 2
     assert [e.body["data"]["id"] for e in read_stream(nats_server.url)] == [2, 3]
 
 
-def _streaming(cluster) -> bool:
+def _streaming(cluster, not_pid: int | None = None) -> bool:
     try:
-        return cluster.status()["state"] == "streaming"
+        status = cluster.status()
+        return status["state"] == "streaming" and status["pid"] != not_pid
     except Exception:  # the server is still in crash recovery
         return False
