@@ -252,3 +252,14 @@ def test_a_role_that_is_not_a_superuser_is_refused_with_the_reason(make_cluster)
     )
     assert 'wal_listener.role "streamer"' in status["last_error"]
     assert cluster.execute("SELECT count(*) AS n FROM pg_replication_slots") == [{"n": 0}]
+
+
+def test_drop_database_elsewhere_finishes_while_the_worker_streams(streaming):
+    """DROP DATABASE waits until every process has absorbed a procsignal
+    barrier; a worker that never processed interrupts kept it waiting forever."""
+    streaming.execute("CREATE DATABASE scratch", dbname="postgres")
+    with streaming.connect("postgres") as conn:
+        conn.execute("SET statement_timeout = '20s'")
+        conn.execute("DROP DATABASE scratch")
+    assert streaming.execute("SELECT datname FROM pg_database WHERE datname = 'scratch'") == []
+    assert streaming.status()["state"] == "streaming"

@@ -99,6 +99,9 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
             // Nothing to save: the slot holds every unacked change.
             unsafe { pg_sys::proc_exit(1) };
         }
+        // Absorbs procsignal barriers: DROP DATABASE (of any database)
+        // waits until every process has, and would wait forever for us.
+        pg_sys::check_for_interrupts!();
         wake.drain();
         if BackgroundWorker::sigterm_received() {
             break;
