@@ -61,6 +61,7 @@ async fn main() {
         nats_url: url.clone(),
         topic: stream_name.clone(),
         topic_prefix: String::new(),
+        subject_database: None,
         create_stream: true,
         max_in_flight: MAX_IN_FLIGHT,
         max_in_flight_bytes: usize::MAX,

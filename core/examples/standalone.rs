@@ -44,6 +44,7 @@ async fn main() {
         nats_url: option("nats-url", None),
         topic: option("topic", Some("wal_listener")),
         topic_prefix: String::new(),
+        subject_database: None,
         create_stream: true,
         max_in_flight: 4096,
         max_in_flight_bytes: 64 << 20,

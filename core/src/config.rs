@@ -27,6 +27,10 @@ pub struct PublishConfig {
     /// First subject token and JetStream stream name.
     pub topic: String,
     pub topic_prefix: String,
+    /// The database's token between topic and table in default subjects,
+    /// `<topic>.<database>.<topic_prefix><schema>_<table>`: set for every
+    /// database but `wal_listener.database`, whose subjects stay as they were.
+    pub subject_database: Option<String>,
     pub create_stream: bool,
     /// Cap on un-acked publishes.
     pub max_in_flight: usize,
@@ -42,6 +46,14 @@ pub struct PublishConfig {
     pub auth: NatsAuth,
     pub tls: NatsTls,
     pub oversize_policy: OversizePolicy,
+}
+
+impl PublishConfig {
+    /// What default and END subjects start with: the topic, then the
+    /// database token when there is one. Still inside the stream's `<topic>.>`.
+    pub fn subject_root(&self) -> String {
+        crate::event::subject_root(&self.topic, self.subject_database.as_deref())
+    }
 }
 
 /// How a transaction's events go to JetStream.

@@ -127,6 +127,8 @@ pub struct StatusBoard {
     backfill: Mutex<Option<String>>,
     /// Whether a session holds the slot and streams (publishing or not).
     slot_active: AtomicBool,
+    /// The stream reached the DROP EXTENSION of this database (see `DROPPED_MARKER_PREFIX`).
+    extension_dropped: AtomicBool,
     log: Mutex<VecDeque<LogLine>>,
     /// Wakes the host (an eventfd write in the extension); must not block.
     wake_host: Box<dyn Fn() + Send + Sync>,
@@ -152,6 +154,7 @@ impl StatusBoard {
             warnings: Mutex::new(Vec::new()),
             backfill: Mutex::new(None),
             slot_active: AtomicBool::new(false),
+            extension_dropped: AtomicBool::new(false),
             log: Mutex::new(VecDeque::new()),
             wake_host,
         }
@@ -259,6 +262,17 @@ impl StatusBoard {
 
     pub fn slot_active(&self) -> bool {
         self.slot_active.load(Ordering::Relaxed)
+    }
+
+    /// Everything before the DROP EXTENSION is acked and nothing after it
+    /// was published: the host may stop for good and drop the slot.
+    pub fn set_extension_dropped(&self) {
+        self.extension_dropped.store(true, Ordering::Relaxed);
+        (self.wake_host)();
+    }
+
+    pub fn extension_dropped(&self) -> bool {
+        self.extension_dropped.load(Ordering::Relaxed)
     }
 
     /// Replaces the findings of one check; a finding that is new is also

@@ -373,6 +373,28 @@ pub fn encode_end(out: &mut Vec<u8>, id: &str, position: &Position, subjects: &[
     out.extend_from_slice(b"}}");
 }
 
+/// Why `name` cannot be one token of a NATS subject, if it cannot.
+pub fn subject_token_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("it is empty")
+    } else if name.contains(['.', '*', '>']) {
+        Some("it contains '.', '*' or '>'")
+    } else if name.chars().any(char::is_whitespace) {
+        Some("it contains whitespace")
+    } else {
+        None
+    }
+}
+
+/// `<topic>`, or `<topic>.<database>` for a database other than
+/// `wal_listener.database`: what default and END subjects start with.
+pub fn subject_root(topic: &str, database: Option<&str>) -> String {
+    match database {
+        Some(database) => format!("{topic}.{database}"),
+        None => topic.to_owned(),
+    }
+}
+
 /// Builds `<topic>.<topic_prefix><schema>_<table>`, as wal-listener does.
 /// In schema and table names, characters that NATS does not allow inside a
 /// subject token (`.`, `*`, `>`, whitespace) become `_`, so any table name

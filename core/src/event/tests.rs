@@ -178,3 +178,24 @@ fn end_event_counts_events_in_all_and_per_subject() {
     let ids = EventIds::new(1, "wal_listener");
     assert_ne!(ids.id(Lsn(5), END_ORDINAL), ids.id(Lsn(5), 0));
 }
+
+#[test]
+fn a_further_database_s_subjects_carry_its_name_after_the_topic() {
+    let root = subject_root("wal_listener", Some("shop"));
+    assert_eq!(default_subject(&root, "p_", "public", "orders"), "wal_listener.shop.p_public_orders");
+    assert_eq!(end_subject(&root, "p_"), "wal_listener.shop.p__transaction");
+    // wal_listener.database keeps the subjects it had.
+    let root = subject_root("wal_listener", None);
+    assert_eq!(default_subject(&root, "", "public", "orders"), "wal_listener.public_orders");
+    assert_eq!(end_subject(&root, ""), "wal_listener._transaction");
+}
+
+#[test]
+fn a_database_name_is_a_subject_token_or_is_refused() {
+    for fine in ["shop", "my-db", "Ünïcode_1", "$x"] {
+        assert_eq!(subject_token_problem(fine), None, "{fine}");
+    }
+    for bad in ["", "my.db", "a*", "b>", "my db", "tab\tdb", "line\n"] {
+        assert!(subject_token_problem(bad).is_some(), "{bad:?}");
+    }
+}

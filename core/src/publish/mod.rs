@@ -106,7 +106,7 @@ impl Publisher {
         ensure_stream(&js, cfg, board).await?;
         let streams = list_streams(&js).await?;
         if let Some(refusal) =
-            streams.refusal([streams::default_subject_probe(&cfg.topic, &cfg.topic_prefix).as_str()])
+            streams.refusal([streams::default_subject_probe(&cfg.subject_root(), &cfg.topic_prefix).as_str()])
         {
             return Err(Error::Nats(refusal));
         }

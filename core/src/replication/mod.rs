@@ -34,6 +34,10 @@ pub const HEARTBEAT_PREFIX: &str = "wal_listener.heartbeat";
 /// Prefix of the transactional message the extension script writes: the
 /// stream's mark of the CREATE EXTENSION transaction.
 pub const CREATED_MARKER_PREFIX: &str = "wal_listener.created";
+/// Prefix of the transactional message that DROP EXTENSION writes in a
+/// database other than `wal_listener.database`: its worker publishes what
+/// came before and nothing after, then stops for good.
+pub const DROPPED_MARKER_PREFIX: &str = "wal_listener.dropped";
 /// Prefix of the transactional messages that the config tables' triggers
 /// write, one per new version and per rule (JSON): the stream's copy of a
 /// filter change. A message reaches the worker whatever the user's
@@ -309,7 +313,8 @@ mod tests {
         ] {
             assert!(name.starts_with(&format!("{EXTENSION_SCHEMA}.")), "{name}");
         }
-        for prefix in [HEARTBEAT_PREFIX, CREATED_MARKER_PREFIX, CONFIG_MESSAGE_PREFIX] {
+        for prefix in [HEARTBEAT_PREFIX, CREATED_MARKER_PREFIX, DROPPED_MARKER_PREFIX, CONFIG_MESSAGE_PREFIX]
+        {
             assert!(prefix.starts_with(&format!("{EXTENSION_SCHEMA}.")), "{prefix}");
         }
     }

@@ -7,6 +7,47 @@ use crate::replication::connection::{column, quote_ident, quote_literal, Sql};
 use crate::replication::{HEARTBEAT_PREFIX, STREAMED_SLOTS_TABLE};
 use crate::{Error, Lsn};
 
+/// How long [`drop_for_good`] waits for the walsender that held the slot to leave.
+const SLOT_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Drops the slot once the walsender that streamed from it has let it go,
+/// and with `publication` (after DROP EXTENSION) the publication too.
+pub async fn drop_for_good(cfg: &SourceConfig, publication: bool) -> Result<(), Error> {
+    let mut sql = Sql::side(cfg).await?;
+    if publication {
+        sql.execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&cfg.publication))).await?;
+    }
+    let slot = quote_literal(&cfg.slot);
+    let started = std::time::Instant::now();
+    loop {
+        let active = sql
+            .one_value(&format!(
+                "SELECT active FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot}"
+            ))
+            .await?;
+        match active.as_deref() {
+            None => return Ok(()),
+            Some("f") => {
+                match sql.execute(&format!("SELECT pg_catalog.pg_drop_replication_slot({slot})")).await {
+                    Ok(()) => return Ok(()),
+                    // Taken again meanwhile (a walsender starting): look again.
+                    Err(_) if started.elapsed() < SLOT_RELEASE_WAIT => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            _ if started.elapsed() > SLOT_RELEASE_WAIT => {
+                return Err(Error::Replication(format!(
+                    "replication slot \"{}\" is still in use after {} s; drop it by hand",
+                    cfg.slot,
+                    SLOT_RELEASE_WAIT.as_secs()
+                )))
+            }
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// The slot as [`ensure`] left it.
 pub struct Ensured {
     pub created: bool,

@@ -223,7 +223,7 @@ impl Streamer {
         let route = route(
             &mut self.routes,
             &self.publisher,
-            (&self.topic, &self.topic_prefix),
+            (&self.subject_root, &self.topic_prefix),
             relation,
             subject_override.as_deref(),
         );

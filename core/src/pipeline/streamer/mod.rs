@@ -87,7 +87,8 @@ pub struct Streamer {
     board: Arc<StatusBoard>,
     source: SourceConfig,
     ids: EventIds,
-    topic: String,
+    /// `<topic>` or `<topic>.<database>`: see [`PublishConfig::subject_root`].
+    subject_root: String,
     topic_prefix: String,
     max_in_flight: usize,
     max_in_flight_bytes: usize,
@@ -145,7 +146,7 @@ impl Streamer {
             publisher,
             board,
             source: cfg.source.clone(),
-            topic: cfg.publish.topic.clone(),
+            subject_root: cfg.publish.subject_root(),
             topic_prefix: cfg.publish.topic_prefix.clone(),
             max_in_flight: cfg.publish.max_in_flight.max(1),
             max_in_flight_bytes,
@@ -226,6 +227,31 @@ impl Streamer {
         }
     }
 
+    /// The DROP EXTENSION of this database: waits for the PubAcks of what
+    /// came before (which confirms it), reads nothing further, and ends the
+    /// session. A new session stops here again, as its transaction is never
+    /// confirmed; the host stops the worker for good meanwhile.
+    async fn stop_at_drop(&mut self, lsn: Lsn) -> Result<(), Error> {
+        let mut ack_check = tokio::time::interval(ACK_CHECK_INTERVAL);
+        loop {
+            // Atomic batches of committed transactions still waiting go out first.
+            self.send_batch_when_due().await?;
+            if self.tracker.unacked() == 0 && !self.batch.has_committed() {
+                break;
+            }
+            tokio::select! {
+                reply = self.publisher.next_ack() => {
+                    reply.and_then(|(sequence, reply)| self.on_reply(sequence, reply))?
+                }
+                _ = ack_check.tick() => self.check_acks_in_time()?,
+            }
+        }
+        self.board.set_extension_dropped();
+        Err(Error::Setup(format!(
+            "DROP EXTENSION wal_listener at {lsn}: everything before it is published, nothing after it will be"
+        )))
+    }
+
     /// Whether another change may be processed: unacked publishes are
     /// capped in count and in payload bytes (DESIGN.md rule 5).
     fn below_caps(&self) -> bool {
@@ -265,6 +291,11 @@ impl Streamer {
                 if prefix == replication::CONFIG_MESSAGE_PREFIX =>
             {
                 self.on_config_message(&content)
+            }
+            ReplicationEvent::Message { transactional: true, prefix, lsn, .. }
+                if prefix == replication::DROPPED_MARKER_PREFIX =>
+            {
+                self.stop_at_drop(lsn.into()).await
             }
             ReplicationEvent::Message { transactional: false, prefix, content, lsn }
                 if prefix == crate::backfill::store::WATERMARK_PREFIX =>
@@ -444,9 +475,10 @@ impl Streamer {
         if refresh {
             self.publisher.refresh_streams().await?;
         }
-        let probe = default_subject_probe(&self.topic, &self.topic_prefix);
-        let default = format!("the default subjects {}.{}<schema>_<table>", self.topic, self.topic_prefix);
-        let end = end_subject(&self.topic, &self.topic_prefix);
+        let probe = default_subject_probe(&self.subject_root, &self.topic_prefix);
+        let default =
+            format!("the default subjects {}.{}<schema>_<table>", self.subject_root, self.topic_prefix);
+        let end = end_subject(&self.subject_root, &self.topic_prefix);
         let end_events = self.transaction_end_events.then_some((end.as_str(), "the END events"));
         let subjects = std::iter::once((probe.as_str(), default.as_str()))
             .chain(end_events)
@@ -553,7 +585,7 @@ impl Streamer {
         let route = route(
             &mut self.routes,
             &self.publisher,
-            (&self.topic, &self.topic_prefix),
+            (&self.subject_root, &self.topic_prefix),
             relation,
             subject_override,
         );
@@ -649,7 +681,7 @@ impl Streamer {
         if let Some(route) = &self.end_route {
             return route.clone();
         }
-        let subject = end_subject(&self.topic, &self.topic_prefix);
+        let subject = end_subject(&self.subject_root, &self.topic_prefix);
         let stream = self.publisher.stream_for(&subject);
         let route = Arc::new(Route { subject: Subject::from(subject), stream });
         self.end_route = Some(route.clone());
@@ -685,7 +717,7 @@ impl Streamer {
 fn route(
     routes: &mut HashMap<u32, Arc<Route>>,
     publisher: &Publisher,
-    (topic, topic_prefix): (&str, &str),
+    (subject_root, topic_prefix): (&str, &str),
     relation: &Relation,
     subject_override: Option<&str>,
 ) -> Arc<Route> {
@@ -694,7 +726,7 @@ fn route(
         .or_insert_with(|| {
             let subject = match subject_override {
                 Some(subject) => subject.to_owned(),
-                None => default_subject(topic, topic_prefix, &relation.namespace, &relation.name),
+                None => default_subject(subject_root, topic_prefix, &relation.namespace, &relation.name),
             };
             let stream = publisher.stream_for(&subject);
             Arc::new(Route { subject: Subject::from(subject), stream })
