@@ -18,14 +18,18 @@ COMMIT_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 def test_worker_waits_for_create_extension_then_streams(cluster):
     waiting = 'waiting for CREATE EXTENSION wal_listener in database "app"'
     wait_until(lambda: waiting in cluster.log(), 30, "the worker to say it waits")
-    # status() is readable wherever the extension exists, e.g. another database.
+    # cluster_status() shows it from any database holding the extension
+    # (where CREATE EXTENSION starts that database's own worker).
     cluster.execute("CREATE EXTENSION wal_listener", dbname="postgres")
-    status = cluster.execute("SELECT * FROM wal_listener.status()", dbname="postgres")[0]
-    assert status["state"] == "waiting" and status["last_error"].startswith(waiting), status
+    rows = {r["database"]: r for r in cluster.execute("SELECT * FROM wal_listener.cluster_status()", dbname="postgres")}
+    assert set(rows) == {"app", "postgres"}, rows
+    assert rows["app"]["state"] == "waiting" and rows["app"]["last_error"].startswith(waiting), rows
     # The slot exists already, so that nothing after CREATE EXTENSION is lost.
-    assert cluster.execute("SELECT slot_name FROM pg_replication_slots") == [{"slot_name": "wal_listener"}]
+    assert cluster.execute("SELECT slot_name FROM pg_replication_slots WHERE database = 'app'") == [
+        {"slot_name": "wal_listener"}
+    ]
     workers = cluster.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'wal_listener'")
-    assert [w["pid"] for w in workers] == [status["pid"]]
+    assert sorted(w["pid"] for w in workers) == sorted(r["pid"] for r in rows.values())
 
     cluster.execute("CREATE EXTENSION wal_listener")
     status = cluster.wait_for_state("streaming", timeout=60)
@@ -230,8 +234,9 @@ def test_rejected_loopback_connection_names_the_pg_hba_line_to_add(make_cluster)
     (cluster.data / "pg_hba.conf").write_text("local app postgres reject\nlocal all all trust\n")
     cluster.execute("SELECT pg_reload_conf()", dbname="postgres")
     cluster.execute("CREATE EXTENSION wal_listener", dbname="postgres")
+    app_row = "SELECT * FROM wal_listener.cluster_status() WHERE database = 'app'"
     status = wait_until(
-        lambda: (s := cluster.execute("SELECT * FROM wal_listener.status()", dbname="postgres")[0])["state"]
+        lambda: (s := cluster.execute(app_row, dbname="postgres")[0])["state"]
         == "backoff"
         and "pg_hba" in (s["last_error"] or "")
         and s,

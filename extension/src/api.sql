@@ -361,7 +361,7 @@ CREATE FUNCTION reset_slot() RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_slot name := current_setting('wal_listener.slot_name');
+    v_slot name := @extschema@._slot_name();
     v_wal_status text;
 BEGIN
     SELECT s.wal_status INTO v_wal_status FROM pg_replication_slots s WHERE s.slot_name = v_slot;
@@ -412,7 +412,7 @@ AS $$
     )
     SELECT w.state,
            w.pid,
-           current_setting('wal_listener.slot_name'),
+           @extschema@._slot_name(),
            current_setting('wal_listener.publication'),
            coalesce(s.confirmed_flush_lsn, nullif(w.worker_confirmed_lsn, '0/0')::pg_lsn),
            pg_wal_lsn_diff(h.lsn, coalesce(s.confirmed_flush_lsn, nullif(w.worker_confirmed_lsn, '0/0')::pg_lsn))::bigint,
@@ -437,9 +437,28 @@ AS $$
            w.transactions_unbatched
       FROM @extschema@._worker_status() w
      CROSS JOIN here h
-      LEFT JOIN pg_replication_slots s ON s.slot_name = current_setting('wal_listener.slot_name')
+      LEFT JOIN pg_replication_slots s ON s.slot_name = @extschema@._slot_name()
 $$;
-COMMENT ON FUNCTION status() IS 'State of the wal_listener worker: one row.';
+COMMENT ON FUNCTION status() IS 'State of this database''s wal_listener worker: one row.';
+
+CREATE FUNCTION cluster_status(
+    OUT database text,
+    OUT slot_name text,
+    OUT state text,
+    OUT pid integer,
+    OUT events_published bigint,
+    OUT confirmed_lsn pg_lsn,
+    OUT last_error text)
+RETURNS SETOF record
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT w.database, w.slot_name, w.state, w.pid, w.events_published,
+           coalesce(s.confirmed_flush_lsn, nullif(w.worker_confirmed_lsn, '0/0')::pg_lsn), w.last_error
+      FROM @extschema@._cluster_status() w
+      LEFT JOIN pg_replication_slots s ON s.slot_name = w.slot_name
+     ORDER BY w.database
+$$;
+COMMENT ON FUNCTION cluster_status() IS 'The wal_listener worker of every streamed database of the cluster: one row each.';
 
 -- Configuration is for superusers and roles an admin grants EXECUTE to;
 -- monitoring for pg_monitor. USAGE on the schema lets everyone else be
@@ -451,8 +470,9 @@ REVOKE ALL ON FUNCTION add_filter(regclass, text[], text), remove_filter(regclas
     _read_chunk(oid, text, bigint, oid[]),
     _write_filters(regclass, boolean, text[], text), _next_rules(bigint, regclass, boolean, text[], text),
     _announce_filter_change(), _signed(text), _request_restart(),
-    _normalize_actions(text[]), _check_subject(text), _sync_standby_warning(text), _worker_status(), status()
+    _normalize_actions(text[]), _check_subject(text), _sync_standby_warning(text), _worker_status(), status(),
+    _slot_name(), _cluster_status(), cluster_status()
     FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION status() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION status(), cluster_status() TO pg_monitor;
 REVOKE ALL ON filters, backfills FROM PUBLIC;
 GRANT SELECT ON filters, backfills TO pg_monitor;

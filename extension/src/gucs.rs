@@ -340,12 +340,14 @@ pub fn role() -> Option<String> {
     Some(text(&ROLE)).filter(|r| !r.is_empty())
 }
 
-/// The NATS settings (a SIGHUP may change them).
-fn publish_config() -> PublishConfig {
+/// The NATS settings (a SIGHUP may change them) of the worker of `database`.
+fn publish_config(database: &str) -> PublishConfig {
     PublishConfig {
         nats_url: text(&NATS_URL),
         topic: text(&TOPIC),
         topic_prefix: text(&TOPIC_PREFIX),
+        // wal_listener.database keeps the subjects it had before there were others.
+        subject_database: Some(database.to_owned()).filter(|d| *d != self::database()),
         create_stream: CREATE_STREAM.get(),
         max_in_flight: usize::try_from(MAX_IN_FLIGHT.get()).unwrap_or(1),
         max_in_flight_bytes: usize::try_from(MAX_IN_FLIGHT_BYTES_KB.get()).unwrap_or(1024) * 1024,
@@ -377,7 +379,8 @@ fn publish_config() -> PublishConfig {
 
 /// The pipeline's whole config: `source` (fixed at start) and the settings a SIGHUP may change.
 pub fn pipeline_config(source: SourceConfig) -> PipelineConfig {
-    let mut config = PipelineConfig::new(source, publish_config());
+    let publish = publish_config(&source.database);
+    let mut config = PipelineConfig::new(source, publish);
     config.heartbeat_interval = Duration::from_secs(HEARTBEAT_INTERVAL_S.get().max(0) as u64);
     #[cfg(feature = "fault-injection")]
     {

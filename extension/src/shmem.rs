@@ -1,6 +1,7 @@
-//! The worker's status in shared memory, so `status()` can read it from any
-//! backend. Written only by the worker's main thread; other backends only
-//! bump request counters and signal it.
+//! The workers' status in shared memory, one entry per streamed database,
+//! so `status()` and `cluster_status()` can read it from any backend. An
+//! entry is written by its worker's main thread; other backends only bump
+//! request counters, ask it to stop, and signal it.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -70,17 +71,80 @@ impl Default for WorkerStatus {
 
 unsafe impl PGRXSharedMemory for WorkerStatus {}
 
-static STATUS: PgLwLock<WorkerStatus> = unsafe { PgLwLock::new(c"wal_listener_status") };
-/// The running worker's pid, 0 when none: an atomic of its own, so that an
-/// exit callback clears it without a lock, on every way out of the process.
-static WORKER_PID: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"wal_listener_pid") };
+/// Workers at most: entry 0 is the static worker's (`wal_listener.database`),
+/// the others belong to the dynamic workers of further databases.
+pub const MAX_WORKERS: usize = 32;
+/// Room for a database name (NAMEDATALEN).
+const NAME_CAPACITY: usize = 64;
+
+/// Why a worker stops for good (it exits 0, so the postmaster forgets it).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Stop {
+    No,
+    /// DROP EXTENSION committed at this LSN: publish up to it, then drop the slot.
+    ExtensionDropped(u64),
+    /// DROP DATABASE is waiting for the worker to leave.
+    DatabaseDropped,
+    /// Its CREATE EXTENSION rolled back: drop the slot and publication.
+    Abandoned,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    /// OID of the database a dynamic worker streams; 0 = free (entry 0: the static worker).
+    database: u32,
+    stop: Stop,
+    name_len: usize,
+    name: [u8; NAME_CAPACITY],
+    status: WorkerStatus,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Entry {
+            database: 0,
+            stop: Stop::No,
+            name_len: 0,
+            name: [0; NAME_CAPACITY],
+            status: WorkerStatus::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Table {
+    entries: [Entry; MAX_WORKERS],
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table { entries: [Entry::default(); MAX_WORKERS] }
+    }
+}
+
+unsafe impl PGRXSharedMemory for Table {}
+
+/// Each entry's running worker pid, 0 when none: atomics of their own, so
+/// that an exit callback clears them without a lock, on every way out.
+pub struct Pids([AtomicI32; MAX_WORKERS]);
+
+impl Default for Pids {
+    fn default() -> Self {
+        Pids(std::array::from_fn(|_| AtomicI32::new(0)))
+    }
+}
+
+unsafe impl PGRXSharedMemory for Pids {}
+
+static TABLE: PgLwLock<Table> = unsafe { PgLwLock::new(c"wal_listener_workers") };
+static PIDS: PgAtomic<Pids> = unsafe { PgAtomic::new(c"wal_listener_pids") };
 
 /// Set in the postmaster when preloaded; backends inherit it through fork.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 pub fn init() {
-    pg_shmem_init!(STATUS);
-    pg_shmem_init!(WORKER_PID);
+    pg_shmem_init!(TABLE);
+    pg_shmem_init!(PIDS);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -93,59 +157,136 @@ pub fn preloaded() -> bool {
 pub struct Requests {
     pub restart: u64,
     pub slot: u64,
+    pub stop: Stop,
 }
 
-/// A new worker process starts: counters restart from zero, the pid is
-/// published, and cleared again however the process ends.
-pub fn worker_started(pid: i32, started_at: i64) -> Requests {
-    let mut status = STATUS.exclusive();
-    let requests = Requests { restart: status.restart_requests, slot: status.slot_requests };
-    *status = WorkerStatus {
+fn pid_of(index: usize) -> i32 {
+    PIDS.get().0[index].load(Ordering::Relaxed)
+}
+
+/// Whether `pid` is a live process (an entry's pid is cleared at exit, but
+/// not when the process is killed; the cluster then resets anyway).
+fn alive(pid: i32) -> bool {
+    pid != 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// A new worker process takes its entry: the static worker entry 0, a
+/// dynamic worker the one of its database or a free one. Counters restart
+/// from zero, the pid is published and cleared again however the process
+/// ends. `None` when another live worker streams that database (a second
+/// registration) or every entry is taken.
+pub fn worker_started(
+    database: Option<u32>,
+    name: &str,
+    pid: i32,
+    started_at: i64,
+) -> Option<(usize, Requests)> {
+    let mut table = TABLE.exclusive();
+    let index = match database {
+        None => 0,
+        Some(oid) => {
+            let same = (1..MAX_WORKERS).find(|&i| table.entries[i].database == oid);
+            match same {
+                Some(i) if alive(pid_of(i)) => return None,
+                Some(i) => i,
+                None => (1..MAX_WORKERS).find(|&i| table.entries[i].database == 0 && !alive(pid_of(i)))?,
+            }
+        }
+    };
+    let entry = &mut table.entries[index];
+    let requests =
+        Requests { restart: entry.status.restart_requests, slot: entry.status.slot_requests, stop: Stop::No };
+    entry.database = database.unwrap_or(0);
+    entry.stop = Stop::No;
+    entry.name_len = copy_text(name, &mut entry.name);
+    entry.status = WorkerStatus {
         started_at,
         state: State::Connecting as u8,
         restart_requests: requests.restart,
         slot_requests: requests.slot,
         ..WorkerStatus::default()
     };
-    drop(status);
-    WORKER_PID.get().store(pid, Ordering::Relaxed);
-    unsafe { pg_sys::before_shmem_exit(Some(clear_pid), pg_sys::Datum::from(0)) };
-    requests
+    drop(table);
+    PIDS.get().0[index].store(pid, Ordering::Relaxed);
+    unsafe { pg_sys::before_shmem_exit(Some(clear_pid), pg_sys::Datum::from(index)) };
+    Some((index, requests))
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn clear_pid(_code: i32, _arg: pg_sys::Datum) {
-    WORKER_PID.get().store(0, Ordering::Relaxed);
+unsafe extern "C-unwind" fn clear_pid(_code: i32, index: pg_sys::Datum) {
+    PIDS.get().0[index.value()].store(0, Ordering::Relaxed);
+}
+
+/// The entry of the worker that streams the current database, if any.
+pub fn entry_of_this_database() -> Option<usize> {
+    if !preloaded() {
+        return None;
+    }
+    let this = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    if crate::worker::is_static_database(this) {
+        return Some(0);
+    }
+    entry_of(this)
+}
+
+/// The entry of the dynamic worker of database `oid`.
+pub fn entry_of(oid: u32) -> Option<usize> {
+    let table = TABLE.share();
+    (1..MAX_WORKERS).find(|&i| table.entries[i].database == oid)
+}
+
+/// Whether every entry for a further database is taken by a live worker.
+pub fn full() -> bool {
+    let table = TABLE.share();
+    (1..MAX_WORKERS).all(|i| table.entries[i].database != 0 || alive(pid_of(i)))
+}
+
+/// Whether the entry's worker was told to stop for good.
+pub fn stopping(index: usize) -> bool {
+    TABLE.share().entries[index].stop != Stop::No
+}
+
+/// Databases with a worker entry, `wal_listener.database`'s included.
+pub fn streamed_databases() -> usize {
+    let table = TABLE.share();
+    1 + (1..MAX_WORKERS).filter(|&i| table.entries[i].database != 0).count()
 }
 
 /// Counts a restart request and wakes the worker (SIGUSR1 sets its latch).
 /// Returns false when no worker runs.
-pub fn request_restart() -> bool {
-    if !preloaded() {
-        return false;
-    }
-    STATUS.exclusive().restart_requests += 1;
-    wake_worker()
+pub fn request_restart(index: usize) -> bool {
+    TABLE.exclusive().entries[index].status.restart_requests += 1;
+    wake_worker(index)
 }
 
 /// Asks the worker to retry creating its slot now; false when no worker runs.
-pub fn request_slot() -> bool {
-    if !preloaded() {
-        return false;
-    }
-    STATUS.exclusive().slot_requests += 1;
-    wake_worker()
+pub fn request_slot(index: usize) -> bool {
+    TABLE.exclusive().entries[index].status.slot_requests += 1;
+    wake_worker(index)
 }
 
-fn wake_worker() -> bool {
-    let pid = WORKER_PID.get().load(Ordering::Relaxed);
+/// Tells a dynamic worker to stop for good; returns its pid, 0 when none runs.
+pub fn request_stop(index: usize, stop: Stop) -> i32 {
+    TABLE.exclusive().entries[index].stop = stop;
+    wake_worker(index);
+    pid_of(index)
+}
+
+/// The live pid of an entry's worker, if one runs.
+pub fn running_pid(index: usize) -> Option<i32> {
+    Some(pid_of(index)).filter(|&pid| alive(pid))
+}
+
+fn wake_worker(index: usize) -> bool {
+    let pid = pid_of(index);
     pid != 0 && unsafe { libc::kill(pid, libc::SIGUSR1) } == 0
 }
 
-/// Copies the pipeline's status in; returns the request counters, read
-/// under the same lock.
-pub fn publish(snapshot: &StatusSnapshot) -> Requests {
-    let mut status = STATUS.exclusive();
+/// Copies the pipeline's status in; returns the requests, read under the same lock.
+pub fn publish(index: usize, snapshot: &StatusSnapshot) -> Requests {
+    let mut table = TABLE.exclusive();
+    let entry = &mut table.entries[index];
+    let status = &mut entry.status;
     status.state = snapshot.state as u8;
     status.nats_connected = snapshot.nats_connected;
     status.events_published = snapshot.events_published;
@@ -158,7 +299,7 @@ pub fn publish(snapshot: &StatusSnapshot) -> Requests {
     status.last_error_len = copy_text(snapshot.last_error.as_deref().unwrap_or(""), &mut status.last_error);
     status.warnings_len = copy_text(&snapshot.warnings.join("\n"), &mut status.warnings);
     status.backfill_len = copy_text(snapshot.backfill.as_deref().unwrap_or(""), &mut status.backfill);
-    Requests { restart: status.restart_requests, slot: status.slot_requests }
+    Requests { restart: status.restart_requests, slot: status.slot_requests, stop: entry.stop }
 }
 
 /// Copies as much of `text` as fits, cut at a char boundary; returns its length.
@@ -171,12 +312,17 @@ fn copy_text(text: &str, into: &mut [u8]) -> usize {
     len
 }
 
-pub fn worker_stopped() {
-    let mut status = STATUS.exclusive();
-    status.state = State::Stopped as u8;
-    status.nats_connected = false;
-    drop(status);
-    WORKER_PID.get().store(0, Ordering::Relaxed);
+/// The worker leaves; `for_good` (it stopped after a DROP) frees its entry.
+pub fn worker_stopped(index: usize, for_good: bool) {
+    let mut table = TABLE.exclusive();
+    let entry = &mut table.entries[index];
+    entry.status.state = State::Stopped as u8;
+    entry.status.nats_connected = false;
+    if for_good {
+        *entry = Entry::default();
+    }
+    drop(table);
+    PIDS.get().0[index].store(0, Ordering::Relaxed);
 }
 
 /// What `status()` shows.
@@ -197,13 +343,35 @@ pub struct StatusRow {
     pub backfill: Option<String>,
 }
 
-/// Reads the status; `None` when the library was not preloaded.
-pub fn read() -> Option<StatusRow> {
+/// Reads an entry's status; `None` when the library was not preloaded.
+pub fn read(index: Option<usize>) -> Option<StatusRow> {
     if !preloaded() {
         return None;
     }
-    let s = *STATUS.share();
-    let pid = WORKER_PID.get().load(Ordering::Relaxed);
+    Some(match index {
+        Some(index) => row(&TABLE.share().entries[index].status, pid_of(index)),
+        None => row(&WorkerStatus::default(), 0),
+    })
+}
+
+/// Every entry in use: its database's OID (`None`: the static worker's),
+/// name and status, for `cluster_status()`.
+pub fn read_all() -> Vec<(Option<u32>, String, StatusRow)> {
+    if !preloaded() {
+        return Vec::new();
+    }
+    let table = *TABLE.share();
+    (0..MAX_WORKERS)
+        .filter(|&i| if i == 0 { table.entries[0].name_len > 0 } else { table.entries[i].database != 0 })
+        .map(|i| {
+            let entry = &table.entries[i];
+            let name = String::from_utf8_lossy(&entry.name[..entry.name_len]).into_owned();
+            (Some(entry.database).filter(|_| i > 0), name, row(&entry.status, pid_of(i)))
+        })
+        .collect()
+}
+
+fn row(s: &WorkerStatus, pid: i32) -> StatusRow {
     let nonzero = |v: i64| Some(v).filter(|&v| v != 0);
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     let state = match s.state {
@@ -212,7 +380,7 @@ pub fn read() -> Option<StatusRow> {
         _ if pid == 0 => State::Stopped.as_str(),
         state => State::from_u8(state).as_str(),
     };
-    Some(StatusRow {
+    StatusRow {
         state,
         pid: Some(pid).filter(|&p| p != 0),
         nats_connected: s.nats_connected,
@@ -227,5 +395,5 @@ pub fn read() -> Option<StatusRow> {
         started_at: nonzero(s.started_at),
         warnings: text(&s.warnings[..s.warnings_len]).lines().map(str::to_owned).collect(),
         backfill: Some(text(&s.backfill[..s.backfill_len])).filter(|b| !b.is_empty()),
-    })
+    }
 }

@@ -5,7 +5,7 @@
 use pgrx::prelude::*;
 use wal_listener_core::{audit, filters};
 
-use crate::shmem;
+use crate::{shmem, worker};
 
 /// Checks a filter's action list; returns it in canonical form.
 #[pg_extern(immutable, parallel_safe)]
@@ -41,7 +41,7 @@ fn _sync_standby_warning(setting: &str) -> Option<String> {
 /// Asks the worker to reconnect and resume from the slot; returns at once.
 #[pg_extern(volatile)]
 fn _request_restart() -> bool {
-    shmem::request_restart()
+    shmem::entry_of_this_database().is_some_and(shmem::request_restart)
 }
 
 /// The worker's shared-memory status; wrapped by `wal_listener.status()`.
@@ -66,7 +66,7 @@ fn _worker_status() -> TableIterator<
         name!(transactions_unbatched, i64),
     ),
 > {
-    let row = match shmem::read() {
+    let row = match shmem::read(shmem::entry_of_this_database()) {
         Some(s) => (
             s.state.to_string(),
             s.pid,
@@ -103,6 +103,45 @@ fn _worker_status() -> TableIterator<
         ),
     };
     TableIterator::once(row)
+}
+
+/// This database's replication slot (see `worker::slot_for_database`).
+#[pg_extern(stable, parallel_safe)]
+fn _slot_name() -> String {
+    let this = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    worker::slot_for_database(Some(this).filter(|&oid| !worker::is_static_database(oid)))
+}
+
+/// Every worker's shared-memory status; wrapped by `wal_listener.cluster_status()`.
+#[pg_extern(volatile, parallel_safe)]
+#[allow(clippy::type_complexity)]
+fn _cluster_status() -> TableIterator<
+    'static,
+    (
+        name!(database, String),
+        name!(slot_name, String),
+        name!(state, String),
+        name!(pid, Option<i32>),
+        name!(events_published, i64),
+        name!(worker_confirmed_lsn, String),
+        name!(last_error, Option<String>),
+    ),
+> {
+    let rows: Vec<_> = shmem::read_all()
+        .into_iter()
+        .map(|(oid, database, s)| {
+            (
+                database,
+                worker::slot_for_database(oid),
+                s.state.to_string(),
+                s.pid,
+                s.events_published,
+                wal_listener_core::Lsn(s.confirmed_lsn).to_string(),
+                s.last_error,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
 }
 
 extension_sql_file!("api.sql", finalize);

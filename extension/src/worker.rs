@@ -5,7 +5,7 @@
 
 use std::ffi::CStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -14,6 +14,7 @@ use wal_listener_core::config::SourceConfig;
 use wal_listener_core::pipeline;
 use wal_listener_core::status::{unix_micros_now, LogLevel, StatusBoard};
 
+use crate::shmem::Stop;
 use crate::{gucs, shmem};
 
 /// The postmaster restarts a worker that failed after this long.
@@ -24,7 +25,27 @@ const STATUS_REFRESH_MS: i64 = 1000;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn register() {
-    BackgroundWorkerBuilder::new("wal_listener")
+    builder("wal_listener").load();
+}
+
+/// The worker of a database other than `wal_listener.database`: the same
+/// main function, given the database's OID. The postmaster restarts it when
+/// it fails, also after a crash reset; it exits 0, and is forgotten, once
+/// its extension or database is dropped.
+pub fn start_for_database(oid: u32) -> Result<(), String> {
+    builder(&format!("wal_listener for database {oid}"))
+        .set_argument(Some(pg_sys::Datum::from(oid)))
+        .load_dynamic()
+        .map(|_| ())
+        .map_err(|_| {
+            "no background worker slot is free; raise max_worker_processes (each database with the \
+             extension takes one) and restart the server"
+                .to_owned()
+        })
+}
+
+fn builder(name: &str) -> BackgroundWorkerBuilder {
+    BackgroundWorkerBuilder::new(name)
         .set_type("wal_listener")
         .set_library("wal_listener")
         .set_function("wal_listener_worker_main")
@@ -34,36 +55,87 @@ pub fn register() {
         // and streams from the synced slot once the server is promoted.
         .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(RESTART_DELAY))
-        .load();
 }
+
+/// The slot of a database: `wal_listener.slot_name` for `wal_listener.database`
+/// (as before there were others), `<slot_name>_<oid>` for the others, so
+/// slots, and the event ids derived from them, never collide.
+pub fn slot_for_database(oid: Option<u32>) -> String {
+    match oid {
+        None => gucs::slot_name(),
+        Some(oid) => format!("{}_{oid}", gucs::slot_name()),
+    }
+}
+
+/// Whether the database of `oid` is the one the static worker streams.
+pub fn is_static_database(oid: u32) -> bool {
+    database_name(oid).is_some_and(|name| name == gucs::database())
+}
+
+/// The name of the database of `oid`; inside a transaction.
+fn database_name(oid: u32) -> Option<String> {
+    let name = unsafe { pg_sys::get_database_name(pg_sys::Oid::from(oid)) };
+    (!name.is_null()).then(|| unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned())
+}
+
+/// What makes a worker stop for good, and by when it must.
+struct Ending {
+    stop: Stop,
+    deadline: Instant,
+}
+
+/// How long a dropped extension's worker may take to publish what was
+/// committed before the DROP (NATS down, say) before it gives up on it.
+const DROP_DRAIN: Duration = Duration::from_secs(30);
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // No database: shared catalogs are enough to find the bootstrap superuser,
     // and the loopback connection does the rest.
     BackgroundWorker::connect_worker_to_spi(None, None);
     let pid = unsafe { pg_sys::MyProcPid };
-    let mut requests_seen = shmem::worker_started(pid, unix_micros_now());
+    let own_database = Some(arg.value() as u32).filter(|&oid| oid != 0);
+    let database = match own_database {
+        None => gucs::database(),
+        Some(oid) => match BackgroundWorker::transaction(|| database_name(oid)) {
+            Some(name) => name,
+            None => {
+                log!("wal_listener: database {oid} no longer exists; its worker stops");
+                unsafe { pg_sys::proc_exit(0) };
+            }
+        },
+    };
+    let Some((entry, mut requests_seen)) =
+        shmem::worker_started(own_database, &database, pid, unix_micros_now())
+    else {
+        // A second registration (the server start found the slot of a
+        // database whose worker survived a crash reset) or no room.
+        log!("wal_listener: another worker streams database \"{database}\", or none more may run; this one stops");
+        unsafe { pg_sys::proc_exit(0) };
+    };
+    if own_database.is_none() {
+        start_workers_of_other_databases();
+    }
 
     let role = gucs::role().unwrap_or_else(bootstrap_superuser);
     let source = SourceConfig {
         socket_dir: server_socket_dir(),
         port: unsafe { pg_sys::PostPortNumber } as u16,
         user: role,
-        database: gucs::database(),
-        slot: gucs::slot_name(),
+        database,
+        slot: slot_for_database(own_database),
         publication: gucs::publication(),
         require_extension: true,
         failover_slot: gucs::failover_slot(),
     };
     log!(
-        "wal_listener: worker started (pid {pid}, database \"{}\", role \"{}\")",
+        "wal_listener: worker started (pid {pid}, database \"{}\", slot \"{}\", role \"{}\")",
         source.database,
+        source.slot,
         source.user
     );
-
     let wake = EventFd::new();
     let board = {
         let fd = wake.fd;
@@ -74,6 +146,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let restart = Arc::new(Notify::new());
     let retry_now = Arc::new(Notify::new());
+    let mut ending: Option<Ending> = None;
     let supervisor = runtime.spawn(pipeline::run_supervised(
         config_rx,
         board.clone(),
@@ -123,7 +196,34 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
             panic!("injected by wal_listener.inject_fault = host_panic");
         }
         write_log(&board);
-        let requests = shmem::publish(&board.snapshot());
+        let requests = shmem::publish(entry, &board.snapshot());
+        if requests.stop != Stop::No && ending.is_none() {
+            ending = Some(Ending { stop: requests.stop, deadline: Instant::now() + DROP_DRAIN });
+        }
+        // The stream passed a committed DROP EXTENSION whose stop request
+        // was lost (a crash reset right after its commit clears shared memory).
+        if board.extension_dropped() && ending.is_none() {
+            ending = Some(Ending { stop: Stop::ExtensionDropped(0), deadline: Instant::now() });
+        }
+        match &ending {
+            Some(Ending { stop: Stop::DatabaseDropped | Stop::Abandoned, .. }) => break,
+            Some(Ending { stop: Stop::ExtensionDropped(lsn), deadline }) => {
+                if board.extension_dropped() {
+                    break;
+                }
+                if Instant::now() > *deadline {
+                    warning!(
+                        "wal_listener: DROP EXTENSION at {}: changes committed before it and not published \
+                         within {} s are not published (from {} on)",
+                        wal_listener_core::Lsn(*lsn),
+                        DROP_DRAIN.as_secs(),
+                        wal_listener_core::Lsn(board.snapshot().confirmed_lsn.0)
+                    );
+                    break;
+                }
+            }
+            _ => {}
+        }
         if requests.restart != requests_seen.restart {
             restart.notify_one();
         }
@@ -141,13 +241,72 @@ pub extern "C-unwind" fn wal_listener_worker_main(_arg: pg_sys::Datum) {
     runtime.block_on(async {
         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, supervisor).await;
     });
+    // After DROP EXTENSION the slot and publication go; after a rolled-back
+    // CREATE EXTENSION only the slot (the publication may be the user's).
+    let publication = match ending {
+        Some(Ending { stop: Stop::ExtensionDropped(_), .. }) => Some(true),
+        Some(Ending { stop: Stop::Abandoned, .. }) => Some(false),
+        _ => None,
+    };
+    if let Some(publication) = publication {
+        match runtime.block_on(wal_listener_core::replication::slot::drop_for_good(&source, publication)) {
+            Ok(()) => log!(
+                "wal_listener: dropped slot \"{}\"{}",
+                source.slot,
+                if publication { " and the publication" } else { "" }
+            ),
+            Err(e) => warning!("wal_listener: could not drop slot \"{}\": {e}", source.slot),
+        }
+    }
     runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
     write_log(&board);
-    shmem::worker_stopped();
-    log!("wal_listener: worker stopped");
-    // Exit 1, not 0: after pg_terminate_backend the postmaster restarts us
-    // after RESTART_DELAY; during a server shutdown it restarts nothing anyway.
-    unsafe { pg_sys::proc_exit(1) };
+    let for_good = ending.is_some();
+    shmem::worker_stopped(entry, for_good);
+    log!("wal_listener: worker stopped{}", if for_good { " for good" } else { "" });
+    // Exit 1 unless stopped for good: after pg_terminate_backend the
+    // postmaster restarts us after RESTART_DELAY; during a server shutdown
+    // it restarts nothing anyway. Exit 0 makes it forget the worker.
+    unsafe { pg_sys::proc_exit(if for_good { 0 } else { 1 }) };
+}
+
+/// At server start (and after a crash reset) the databases other than
+/// `wal_listener.database` get their workers back: each has a slot named
+/// `<slot_name>_<its oid>`, which survives restarts. A worker that already
+/// runs makes the second one exit at once.
+fn start_workers_of_other_databases() {
+    let prefix = format!("{}_", gucs::slot_name());
+    let mut found = Vec::new();
+    unsafe {
+        let control = pg_sys::ReplicationSlotCtl;
+        if control.is_null() {
+            return;
+        }
+        let slots = (*control).replication_slots.as_ptr();
+        for i in 0..pg_sys::max_replication_slots.max(0) as usize {
+            let slot = &*slots.add(i);
+            if !slot.in_use {
+                continue;
+            }
+            let name = CStr::from_ptr(slot.data.name.data.as_ptr()).to_string_lossy();
+            let database = slot.data.database.to_u32();
+            if name.strip_prefix(&prefix) == Some(database.to_string().as_str()) {
+                found.push((name.into_owned(), database));
+            }
+        }
+    }
+    for (slot, oid) in found {
+        // Read without the lock: look the slot up again, with it.
+        let name = std::ffi::CString::new(slot.clone()).unwrap_or_default();
+        if unsafe { pg_sys::SearchNamedReplicationSlot(name.as_ptr(), true) }.is_null() {
+            continue;
+        }
+        match start_for_database(oid) {
+            Ok(()) => log!("wal_listener: started the worker of database {oid} (slot \"{slot}\")"),
+            Err(e) => {
+                warning!("wal_listener: cannot start the worker of database {oid} (slot \"{slot}\"): {e}")
+            }
+        }
+    }
 }
 
 fn write_log(board: &StatusBoard) {
