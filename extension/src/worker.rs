@@ -103,7 +103,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
             Some(name) => name,
             None => {
                 log!("wal_listener: database {oid} no longer exists; its worker stops");
-                unsafe { pg_sys::proc_exit(0) };
+                exit_process(0);
             }
         },
     };
@@ -113,7 +113,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         // A second registration (the server start found the slot of a
         // database whose worker survived a crash reset) or no room.
         log!("wal_listener: another worker streams database \"{database}\", or none more may run; this one stops");
-        unsafe { pg_sys::proc_exit(0) };
+        exit_process(0);
     };
     if own_database.is_none() {
         start_workers_of_other_databases();
@@ -170,7 +170,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
         if events & pg_sys::WL_POSTMASTER_DEATH as i32 != 0 {
             // Nothing to save: the slot holds every unacked change.
-            unsafe { pg_sys::proc_exit(1) };
+            exit_process(1);
         }
         // Absorbs procsignal barriers: DROP DATABASE (of any database)
         // waits until every process has, and would wait forever for us.
@@ -266,7 +266,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
     // Exit 1 unless stopped for good: after pg_terminate_backend the
     // postmaster restarts us after RESTART_DELAY; during a server shutdown
     // it restarts nothing anyway. Exit 0 makes it forget the worker.
-    unsafe { pg_sys::proc_exit(if for_good { 0 } else { 1 }) };
+    exit_process(if for_good { 0 } else { 1 });
 }
 
 /// At server start (and after a crash reset) the databases other than
@@ -307,6 +307,13 @@ fn start_workers_of_other_databases() {
             }
         }
     }
+}
+
+/// `proc_exit`, which not every version's bindings type as never returning.
+#[allow(unreachable_code)]
+fn exit_process(code: i32) -> ! {
+    unsafe { pg_sys::proc_exit(code) };
+    unreachable!("proc_exit returned")
 }
 
 fn write_log(board: &StatusBoard) {
