@@ -344,9 +344,9 @@ def test_kill_9_of_one_worker_and_a_restart_lose_and_duplicate_nothing_in_any_da
     assert workers["b"]["slot_name"] == f"wal_listener_{database_oid(cluster, 'b')}"
 
 
-@pytest.mark.parametrize("setting, value", [("max_replication_slots", 2), ("max_wal_senders", 4)])
+@pytest.mark.parametrize("setting, value", [("max_replication_slots", 2), ("max_wal_senders", 6)])
 def test_create_extension_beyond_capacity_is_refused_naming_the_setting(make_cluster, nats_server, setting, value):
-    """With room for app and b only (a slot each; two walsenders each),
+    """With room for app and b only (a slot each; three walsenders each),
     CREATE EXTENSION in c fails with an ERROR naming the setting and leaves
     nothing in c; once DROP EXTENSION in b has freed its share, c can."""
     cluster = make_cluster(server_settings={setting: value})
@@ -371,6 +371,59 @@ def test_create_extension_beyond_capacity_is_refused_naming_the_setting(make_clu
     cluster.execute("CREATE TABLE t (n int PRIMARY KEY)", dbname="c")
     insert(cluster, "c", 1, 10)
     assert numbers(wait_for_subjects(nats_server.url, {SUBJECT["c"]: 10})[SUBJECT["c"]]) == list(range(1, 11))
+
+
+def test_only_a_committed_drop_of_the_extension_stops_a_database(cluster, nats_server):
+    """What does not drop the extension leaves capture alone: a forged
+    marker from a role without privileges, a DROP EXTENSION rolled back to
+    a savepoint, DROP and CREATE in one transaction; DROP SCHEMA ... CASCADE
+    does drop it, and the worker stops for good."""
+    setup_database(cluster, "app")
+    setup_database(cluster, "b")
+    pid = wait_streaming(cluster, "b")["pid"]
+    b_slot = f"wal_listener_{database_oid(cluster, 'b')}"
+    cluster.execute("CREATE ROLE nobody LOGIN", dbname="b")
+    with psycopg.connect(host=str(cluster.dir), port=cluster.port, user="nobody", dbname="b", autocommit=True) as conn:
+        conn.execute("SELECT pg_logical_emit_message(true, 'wal_listener.dropped', '')")
+    insert(cluster, "b", 1, 10)
+    with cluster.connect("b") as conn:
+        with conn.transaction():
+            conn.execute("SAVEPOINT s")
+            conn.execute("DROP EXTENSION wal_listener")
+            conn.execute("ROLLBACK TO SAVEPOINT s")
+    insert(cluster, "b", 11, 20)
+    with cluster.connect("b") as conn:
+        with conn.transaction():
+            conn.execute("DROP EXTENSION wal_listener")
+            conn.execute("CREATE EXTENSION wal_listener")
+    insert(cluster, "b", 21, 30)
+    events = wait_for_subjects(nats_server.url, {SUBJECT["b"]: 30})
+    assert numbers(events[SUBJECT["b"]]) == list(range(1, 31))
+    time.sleep(2)  # what would stop the worker has had its chance
+    assert db_status(cluster, "b")["pid"] == pid and b_slot in slot_names(cluster)
+    assert "ignored a \"wal_listener.dropped\" message" in cluster.log()
+
+    cluster.execute("DROP SCHEMA wal_listener CASCADE", dbname="b")
+    wait_until(lambda: b_slot not in slot_names(cluster) and sessions_in(cluster, "b") == 0, 30,
+               "the worker of b to drop its slot and stop")
+    insert(cluster, "b", 31, 40)
+    insert(cluster, "app", 1, 5)
+    wait_for_subjects(nats_server.url, {SUBJECT["app"]: 5})
+    assert numbers(by_subject(nats_server.url)[SUBJECT["b"]]) == list(range(1, 31))
+    assert set(cluster_status(cluster)) == {"app"}
+
+
+def test_a_role_that_may_not_create_the_extension_starts_no_worker(cluster):
+    """The hook acts only for whoever may run the statement: a role that is
+    not a superuser gets Postgres' refusal, and no slot or worker appears."""
+    cluster.execute("CREATE EXTENSION wal_listener")
+    cluster.execute("CREATE DATABASE b", dbname="postgres")
+    cluster.execute("CREATE ROLE owner_b LOGIN; ALTER DATABASE b OWNER TO owner_b", dbname="postgres")
+    with psycopg.connect(host=str(cluster.dir), port=cluster.port, user="owner_b", dbname="b", autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE EXTENSION wal_listener")
+    assert_nothing_left(cluster, "b")
+    assert slot_names(cluster) == {"wal_listener"}
 
 
 @pytest.mark.parametrize("name", ["my.db", "my db"])

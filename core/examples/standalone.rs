@@ -38,6 +38,7 @@ async fn main() {
         slot: option("slot", Some("wal_listener")),
         publication: option("publication", Some("wal_listener")),
         require_extension: false,
+        stop_at_drop: false,
         failover_slot: false,
     };
     let publish = PublishConfig {

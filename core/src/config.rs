@@ -17,6 +17,9 @@ pub struct SourceConfig {
     pub require_extension: bool,
     /// Make the slot a failover slot, synced to standbys (PostgreSQL 17+).
     pub failover_slot: bool,
+    /// Stop at DROP EXTENSION's marker (the worker of a database other than
+    /// `wal_listener.database`): publish everything before it, nothing after.
+    pub stop_at_drop: bool,
 }
 
 /// Where the events go.

@@ -52,9 +52,12 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    let mut stopped_for_drop = None;
+    let mut dropped_database = None;
+    // Only for whoever may run the statement: Postgres checks later, and a
+    // refused role must not get as far as starting or stopping a worker.
+    let superuser = unsafe { pg_sys::superuser() };
     match unsafe { statement_kind(pstmt) } {
-        Statement::CreateExtension => {
+        Statement::CreateExtension if superuser => {
             let database = this_database();
             if worker::is_static_database(database) {
                 wait_for_slot(None);
@@ -64,14 +67,14 @@ unsafe extern "C-unwind" fn process_utility(
             }
             commit_without_waiting_for_the_worker();
         }
-        Statement::DropExtension => {
+        Statement::DropExtension if superuser => {
             let database = this_database();
             if !worker::is_static_database(database) {
                 mark_the_drop(database);
             }
         }
-        Statement::DropDatabase(name) => stopped_for_drop = stop_worker_of(&name),
-        Statement::Other => {}
+        Statement::DropDatabase(name) => dropped_database = captured_database_owned_by_caller(&name),
+        _ => {}
     }
     let run = || unsafe {
         match PREVIOUS_HOOK {
@@ -93,18 +96,22 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     };
-    match stopped_for_drop {
+    match dropped_database {
         None => run(),
-        // DROP DATABASE failed (another session in it, say): the database
-        // and its slot stay, so its worker must too.
-        Some(database) => PgTryBuilder::new(run)
-            .catch_others(|error| {
-                if let Err(problem) = worker::start_for_database(database) {
-                    warning!("wal_listener: cannot restart the worker of database {database}: {problem}");
-                }
-                error.rethrow()
-            })
-            .execute(),
+        // DROP DATABASE failed (another session in it, say), or was
+        // cancelled while the worker stopped: the database and its slot
+        // stay, so its worker must too.
+        Some((database, entry)) => PgTryBuilder::new(|| {
+            stop_worker(database, entry);
+            run()
+        })
+        .catch_others(|error| {
+            if let Err(problem) = worker::start_for_database(database) {
+                warning!("wal_listener: cannot restart the worker of database {database}: {problem}");
+            }
+            error.rethrow()
+        })
+        .execute(),
     }
 }
 
@@ -137,10 +144,13 @@ unsafe fn statement_kind(pstmt: *mut pg_sys::PlannedStmt) -> Statement {
         }
         pg_sys::NodeTag::T_DropStmt => {
             let drop = statement.cast::<pg_sys::DropStmt>();
-            if unsafe { (*drop).removeType } != pg_sys::ObjectType::OBJECT_EXTENSION {
+            // DROP SCHEMA wal_listener CASCADE drops the extension as well
+            // (its schema is fixed: the control file makes it not relocatable).
+            let kind = unsafe { (*drop).removeType };
+            if kind != pg_sys::ObjectType::OBJECT_EXTENSION && kind != pg_sys::ObjectType::OBJECT_SCHEMA {
                 return Statement::Other;
             }
-            // DROP EXTENSION names its extensions as String nodes.
+            // Both name their objects as String nodes.
             let named = unsafe { list_items((*drop).objects) }.into_iter().any(|node| {
                 !node.is_null()
                     && unsafe { (*node.cast::<pg_sys::Node>()).type_ } == pg_sys::NodeTag::T_String
@@ -179,6 +189,8 @@ fn this_database() -> u32 {
 /// How long CREATE EXTENSION waits for a dropped extension's worker to
 /// leave, and DROP DATABASE for the worker of the database to stop.
 const LEAVE_WAIT: Duration = Duration::from_secs(30);
+/// The stream, the backfill poller's session and short side sessions.
+const WALSENDERS_PER_DATABASE: i32 = 3;
 
 /// Starts the worker of this database, unless one runs (a CREATE EXTENSION
 /// rolled back earlier leaves it waiting), after checking that the cluster
@@ -242,8 +254,9 @@ fn wait_until_stopped(entry: usize) -> bool {
     true
 }
 
-/// One slot and two walsenders (the stream and short side sessions) per
-/// streamed database, beside what other clients use.
+/// One slot and three walsenders (the stream, the backfill poller's
+/// session, and short side sessions) per streamed database, beside what
+/// other clients use.
 fn check_capacity() {
     let query = "SELECT ARRAY[(SELECT count(*) FROM pg_catalog.pg_replication_slots)::int, \
                         pg_catalog.current_setting('max_replication_slots')::int, \
@@ -264,11 +277,11 @@ fn check_capacity() {
         );
     }
     let databases = shmem::streamed_databases() as i32 + 1;
-    let needed = 2 * databases + foreign_senders;
+    let needed = WALSENDERS_PER_DATABASE * databases + foreign_senders;
     if needed > max_senders {
         error!(
-            "wal_listener: max_wal_senders ({max_senders}) is too low for {databases} streamed databases (2 \
-             walsenders each) beside {foreign_senders} other replication connections; raise max_wal_senders to \
+            "wal_listener: max_wal_senders ({max_senders}) is too low for {databases} streamed databases \
+             ({WALSENDERS_PER_DATABASE} walsenders each) beside {foreign_senders} other replication connections; raise max_wal_senders to \
              {needed} and restart the server"
         );
     }
@@ -288,28 +301,44 @@ fn mark_the_drop(database: u32) {
             shmem::request_stop(entry, Stop::ExtensionDropped(unsafe { pg_sys::XactLastCommitEnd }));
         }
     });
+    // The worker never confirms this transaction, as it stops before it.
+    commit_without_waiting_for_the_worker();
+}
+
+/// The OID and worker entry of the database DROP DATABASE names, when it
+/// is captured and the caller may drop it (superuser or owner).
+fn captured_database_owned_by_caller(name: &str) -> Option<(u32, usize)> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let oid = unsafe { pg_sys::get_database_oid(cname.as_ptr(), true) };
+    if oid == pg_sys::InvalidOid {
+        return None;
+    }
+    let user = unsafe { pg_sys::GetUserId() };
+    #[cfg(feature = "pg15")]
+    let owner = unsafe { pg_sys::pg_database_ownercheck(oid, user) };
+    #[cfg(not(feature = "pg15"))]
+    let owner = unsafe { pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, oid, user) };
+    if !owner {
+        return None;
+    }
+    shmem::entry_of(oid.to_u32()).map(|entry| (oid.to_u32(), entry))
 }
 
 /// DROP DATABASE fails while a worker or its walsender uses the database:
 /// the worker stops for good first (its slot goes with the database).
-/// Returns the database's OID when it stopped one.
-fn stop_worker_of(name: &str) -> Option<u32> {
-    let cname = std::ffi::CString::new(name).ok()?;
-    let oid = unsafe { pg_sys::get_database_oid(cname.as_ptr(), true) }.to_u32();
-    let entry = (oid != 0).then(|| shmem::entry_of(oid)).flatten()?;
+fn stop_worker(oid: u32, entry: usize) {
     shmem::request_stop(entry, Stop::DatabaseDropped);
     let started = Instant::now();
     while shmem::running_pid(entry).is_some() || active_slots(oid) > 0 {
         if started.elapsed() > LEAVE_WAIT {
             warning!(
-                "wal_listener: the worker of database \"{name}\" did not stop within {} s",
+                "wal_listener: the worker of database {oid} did not stop within {} s",
                 LEAVE_WAIT.as_secs()
             );
             break;
         }
         sleep_a_little();
     }
-    Some(oid)
 }
 
 fn active_slots(database: u32) -> i32 {

@@ -194,10 +194,12 @@ pub fn worker_started(
         }
     };
     let entry = &mut table.entries[index];
+    // A stop request outlives a restart of the worker it was meant for.
+    let stop = if entry.database == database.unwrap_or(0) { entry.stop } else { Stop::No };
     let requests =
-        Requests { restart: entry.status.restart_requests, slot: entry.status.slot_requests, stop: Stop::No };
+        Requests { restart: entry.status.restart_requests, slot: entry.status.slot_requests, stop };
     entry.database = database.unwrap_or(0);
-    entry.stop = Stop::No;
+    entry.stop = stop;
     entry.name_len = copy_text(name, &mut entry.name);
     entry.status = WorkerStatus {
         started_at,
@@ -206,15 +208,30 @@ pub fn worker_started(
         slot_requests: requests.slot,
         ..WorkerStatus::default()
     };
-    drop(table);
+    // Under the lock: a second worker of the same database must see it.
     PIDS.get().0[index].store(pid, Ordering::Relaxed);
+    drop(table);
     unsafe { pg_sys::before_shmem_exit(Some(clear_pid), pg_sys::Datum::from(index)) };
     Some((index, requests))
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn clear_pid(_code: i32, index: pg_sys::Datum) {
-    PIDS.get().0[index.value()].store(0, Ordering::Relaxed);
+    release_pid(index.value());
+}
+
+/// Clears the entry's pid if it is still ours (a successor may hold it).
+fn release_pid(index: usize) {
+    let own = unsafe { pg_sys::MyProcPid };
+    let _ = PIDS.get().0[index].compare_exchange(own, 0, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+/// Frees the entry of a database that no longer exists, if no worker runs in it.
+pub fn forget_database(oid: u32) {
+    let mut table = TABLE.exclusive();
+    if let Some(i) = (1..MAX_WORKERS).find(|&i| table.entries[i].database == oid && !alive(pid_of(i))) {
+        table.entries[i] = Entry::default();
+    }
 }
 
 /// The entry of the worker that streams the current database, if any.
@@ -239,6 +256,11 @@ pub fn entry_of(oid: u32) -> Option<usize> {
 pub fn full() -> bool {
     let table = TABLE.share();
     (1..MAX_WORKERS).all(|i| table.entries[i].database != 0 || alive(pid_of(i)))
+}
+
+/// The stop request turned out void (the extension exists).
+pub fn clear_stop(index: usize) {
+    TABLE.exclusive().entries[index].stop = Stop::No;
 }
 
 /// Whether the entry's worker was told to stop for good.
@@ -321,8 +343,7 @@ pub fn worker_stopped(index: usize, for_good: bool) {
     if for_good {
         *entry = Entry::default();
     }
-    drop(table);
-    PIDS.get().0[index].store(0, Ordering::Relaxed);
+    release_pid(index);
 }
 
 /// What `status()` shows.

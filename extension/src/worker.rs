@@ -103,6 +103,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
             Some(name) => name,
             None => {
                 log!("wal_listener: database {oid} no longer exists; its worker stops");
+                shmem::forget_database(oid);
                 exit_process(0);
             }
         },
@@ -115,6 +116,9 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         log!("wal_listener: another worker streams database \"{database}\", or none more may run; this one stops");
         exit_process(0);
     };
+    // On a standby the slots of other databases may be synced later (17+):
+    // the static worker looks again once the server is promoted.
+    let mut look_after_promotion = own_database.is_none() && unsafe { pg_sys::RecoveryInProgress() };
     if own_database.is_none() {
         start_workers_of_other_databases();
     }
@@ -128,6 +132,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         slot: slot_for_database(own_database),
         publication: gucs::publication(),
         require_extension: true,
+        stop_at_drop: own_database.is_some(),
         failover_slot: gucs::failover_slot(),
     };
     log!(
@@ -196,33 +201,63 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
             panic!("injected by wal_listener.inject_fault = host_panic");
         }
         write_log(&board);
+        if look_after_promotion && !unsafe { pg_sys::RecoveryInProgress() } {
+            look_after_promotion = false;
+            start_workers_of_other_databases();
+        }
         let requests = shmem::publish(entry, &board.snapshot());
         if requests.stop != Stop::No && ending.is_none() {
-            ending = Some(Ending { stop: requests.stop, deadline: Instant::now() + DROP_DRAIN });
+            // A DROP rolled back to a savepoint, or followed by CREATE
+            // EXTENSION in its transaction, leaves the extension in place.
+            let void = matches!(requests.stop, Stop::ExtensionDropped(_) | Stop::Abandoned)
+                && extension_exists_now(&runtime, &source);
+            if void {
+                log!(
+                    "wal_listener: the extension exists in database \"{}\"; the worker goes on",
+                    source.database
+                );
+                shmem::clear_stop(entry);
+            } else {
+                ending = Some(Ending { stop: requests.stop, deadline: Instant::now() + DROP_DRAIN });
+            }
         }
         // The stream passed a committed DROP EXTENSION whose stop request
         // was lost (a crash reset right after its commit clears shared memory).
         if board.extension_dropped() && ending.is_none() {
             ending = Some(Ending { stop: Stop::ExtensionDropped(0), deadline: Instant::now() });
         }
-        match &ending {
-            Some(Ending { stop: Stop::DatabaseDropped | Stop::Abandoned, .. }) => break,
-            Some(Ending { stop: Stop::ExtensionDropped(lsn), deadline }) => {
+        match ending {
+            Some(Ending { stop: Stop::DatabaseDropped, .. }) => break,
+            Some(Ending { stop, deadline }) => {
                 if board.extension_dropped() {
                     break;
                 }
-                if Instant::now() > *deadline {
-                    warning!(
-                        "wal_listener: DROP EXTENSION at {}: changes committed before it and not published \
-                         within {} s are not published (from {} on)",
-                        wal_listener_core::Lsn(*lsn),
-                        DROP_DRAIN.as_secs(),
-                        wal_listener_core::Lsn(board.snapshot().confirmed_lsn.0)
-                    );
-                    break;
+                if stop == Stop::Abandoned || Instant::now() > deadline {
+                    // Nothing of an extension that exists is ever dropped: a
+                    // DROP rolled back to a savepoint, DROP and CREATE in one
+                    // transaction, a CREATE that lost the race to another.
+                    if extension_exists_now(&runtime, &source) {
+                        log!(
+                            "wal_listener: the extension exists in database \"{}\"; the worker goes on",
+                            source.database
+                        );
+                        shmem::clear_stop(entry);
+                        ending = None;
+                    } else {
+                        if let Stop::ExtensionDropped(lsn) = stop {
+                            warning!(
+                                "wal_listener: DROP EXTENSION at {}: changes committed before it and not published \
+                                 within {} s are not published (from {} on)",
+                                wal_listener_core::Lsn(lsn),
+                                DROP_DRAIN.as_secs(),
+                                wal_listener_core::Lsn(board.snapshot().confirmed_lsn.0)
+                            );
+                        }
+                        break;
+                    }
                 }
             }
-            _ => {}
+            None => {}
         }
         if requests.restart != requests_seen.restart {
             restart.notify_one();
@@ -269,8 +304,8 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
     exit_process(if for_good { 0 } else { 1 });
 }
 
-/// At server start (and after a crash reset) the databases other than
-/// `wal_listener.database` get their workers back: each has a slot named
+/// At server start, after a crash reset and after promotion, the databases
+/// other than `wal_listener.database` get their workers back: each has a slot named
 /// `<slot_name>_<its oid>`, which survives restarts. A worker that already
 /// runs makes the second one exit at once.
 fn start_workers_of_other_databases() {
@@ -297,7 +332,8 @@ fn start_workers_of_other_databases() {
     for (slot, oid) in found {
         // Read without the lock: look the slot up again, with it.
         let name = std::ffi::CString::new(slot.clone()).unwrap_or_default();
-        if unsafe { pg_sys::SearchNamedReplicationSlot(name.as_ptr(), true) }.is_null() {
+        let running = shmem::entry_of(oid).and_then(shmem::running_pid).is_some();
+        if running || unsafe { pg_sys::SearchNamedReplicationSlot(name.as_ptr(), true) }.is_null() {
             continue;
         }
         match start_for_database(oid) {
@@ -307,6 +343,17 @@ fn start_workers_of_other_databases() {
             }
         }
     }
+}
+
+/// Whether the extension exists in the worker's database, in a new
+/// snapshot; when no session answers in time, it is taken to exist.
+fn extension_exists_now(runtime: &tokio::runtime::Runtime, source: &SourceConfig) -> bool {
+    // The timer is made inside the runtime, which it needs.
+    runtime
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), pipeline::extension_exists(source)).await
+        })
+        .unwrap_or(true)
 }
 
 /// `proc_exit`, which not every version's bindings type as never returning.

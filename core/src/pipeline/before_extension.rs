@@ -192,7 +192,7 @@ async fn wait_for_end(source: &SourceConfig, xid: u32, board: &StatusBoard, mut 
 
 /// Whether the extension exists, read in a new snapshot; retried until a
 /// side session answers.
-async fn extension_exists(source: &SourceConfig) -> bool {
+pub async fn extension_exists(source: &SourceConfig) -> bool {
     loop {
         if let Ok(mut sql) = Sql::side(source).await {
             if let Ok(value) = sql

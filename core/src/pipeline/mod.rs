@@ -3,6 +3,7 @@
 //! rules 3–5), and a supervisor that restarts it from the slot after failures.
 
 mod before_extension;
+pub use before_extension::extension_exists;
 mod read_ahead;
 mod streamer;
 

@@ -227,6 +227,25 @@ impl Streamer {
         }
     }
 
+    /// A committed DROP EXTENSION marker counts only while the extension is
+    /// absent: anyone may write such a message (pg_logical_emit_message is
+    /// public), and a DROP followed by CREATE EXTENSION (in one transaction
+    /// or before the worker got here) leaves one behind.
+    async fn on_drop_marker(&mut self, lsn: Lsn) -> Result<(), Error> {
+        if super::before_extension::extension_exists(&self.source).await {
+            self.board.log(
+                LogLevel::Warning,
+                format!(
+                    "ignored a \"{}\" message at {lsn}: the extension exists (created again since, or the \
+                     message was not written by DROP EXTENSION)",
+                    replication::DROPPED_MARKER_PREFIX
+                ),
+            );
+            return Ok(());
+        }
+        self.stop_at_drop(lsn).await
+    }
+
     /// The DROP EXTENSION of this database: waits for the PubAcks of what
     /// came before (which confirms it), reads nothing further, and ends the
     /// session. A new session stops here again, as its transaction is never
@@ -293,9 +312,9 @@ impl Streamer {
                 self.on_config_message(&content)
             }
             ReplicationEvent::Message { transactional: true, prefix, lsn, .. }
-                if prefix == replication::DROPPED_MARKER_PREFIX =>
+                if prefix == replication::DROPPED_MARKER_PREFIX && self.source.stop_at_drop =>
             {
-                self.stop_at_drop(lsn.into()).await
+                self.on_drop_marker(lsn.into()).await
             }
             ReplicationEvent::Message { transactional: false, prefix, content, lsn }
                 if prefix == crate::backfill::store::WATERMARK_PREFIX =>
