@@ -4,7 +4,7 @@
 //! lost, so the slot must exist before that transaction commits. In
 //! `wal_listener.database` the static worker creates it as soon as the
 //! database exists; in any other database CREATE EXTENSION first checks
-//! that the cluster has room (a slot, two walsenders, a worker) and starts
+//! that the cluster has room (a slot, three walsenders, a worker) and starts
 //! that database's worker. Either way it then waits (bounded) until the
 //! worker has the slot. Creating a slot waits for every transaction that
 //! has an xid, so the wait happens before CREATE EXTENSION writes anything,

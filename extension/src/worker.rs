@@ -322,7 +322,13 @@ fn start_workers_of_other_databases() {
             if !slot.in_use {
                 continue;
             }
-            let name = CStr::from_ptr(slot.data.name.data.as_ptr()).to_string_lossy();
+            // Bounded by the 64 bytes of NameData even if a concurrent write tore it.
+            let bytes = std::slice::from_raw_parts(
+                slot.data.name.data.as_ptr().cast::<u8>(),
+                slot.data.name.data.len(),
+            );
+            let Ok(name) = CStr::from_bytes_until_nul(bytes) else { continue };
+            let name = name.to_string_lossy();
             let database = slot.data.database.to_u32();
             if name.strip_prefix(&prefix) == Some(database.to_string().as_str()) {
                 found.push((name.into_owned(), database));
