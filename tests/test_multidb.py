@@ -513,3 +513,19 @@ def test_oracle_backfills_under_concurrent_writes_in_two_databases_replay_to_the
         replay_into(views[db], bodies)
         assert_replica_equals_source(views[db])
         cluster.execute("DROP DATABASE replica", dbname="postgres")
+
+
+def test_rollback_of_a_failed_transaction_under_another_role_works(cluster):
+    """ROLLBACK of a failed transaction under another role works: the
+    utility hook asks who runs a statement only for the statements it acts
+    on, never for ROLLBACK in an aborted transaction (where a catalog
+    lookup is not allowed; it did not fail here with the old eager check,
+    this guards the rule)."""
+    cluster.execute("CREATE ROLE nobody LOGIN")
+    with cluster.connect() as conn:
+        conn.execute("BEGIN")
+        conn.execute("SET LOCAL ROLE nobody")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        conn.execute("ROLLBACK")
+        assert conn.execute("SELECT current_user AS u").fetchone()["u"] == "postgres"

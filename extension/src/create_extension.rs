@@ -55,9 +55,11 @@ unsafe extern "C-unwind" fn process_utility(
     let mut dropped_database = None;
     // Only for whoever may run the statement: Postgres checks later, and a
     // refused role must not get as far as starting or stopping a worker.
-    let superuser = unsafe { pg_sys::superuser() };
+    // Asked only here: a catalog lookup for every statement would also run
+    // for ROLLBACK in an aborted transaction, where it must not.
+    let superuser = || unsafe { pg_sys::superuser() };
     match unsafe { statement_kind(pstmt) } {
-        Statement::CreateExtension if superuser => {
+        Statement::CreateExtension if superuser() => {
             let database = this_database();
             if worker::is_static_database(database) {
                 wait_for_slot(None);
@@ -67,7 +69,7 @@ unsafe extern "C-unwind" fn process_utility(
             }
             commit_without_waiting_for_the_worker();
         }
-        Statement::DropExtension if superuser => {
+        Statement::DropExtension if superuser() => {
             let database = this_database();
             if !worker::is_static_database(database) {
                 mark_the_drop(database);
@@ -106,9 +108,9 @@ unsafe extern "C-unwind" fn process_utility(
             run()
         })
         .catch_others(|error| {
-            if let Err(problem) = worker::start_for_database(database) {
-                warning!("wal_listener: cannot restart the worker of database {database}: {problem}");
-            }
+            // The worker exited 1 on the stop request: the postmaster starts
+            // it again, and without the request it streams on.
+            shmem::clear_stop(entry, Stop::DatabaseDropped);
             error.rethrow()
         })
         .execute(),

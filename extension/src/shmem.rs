@@ -258,9 +258,13 @@ pub fn full() -> bool {
     (1..MAX_WORKERS).all(|i| table.entries[i].database != 0 || alive(pid_of(i)))
 }
 
-/// The stop request turned out void (the extension exists).
-pub fn clear_stop(index: usize) {
-    TABLE.exclusive().entries[index].stop = Stop::No;
+/// Withdraws stop request `stop` (the extension exists after all, DROP
+/// DATABASE failed); a different request made meanwhile stays.
+pub fn clear_stop(index: usize, stop: Stop) {
+    let mut table = TABLE.exclusive();
+    if table.entries[index].stop == stop {
+        table.entries[index].stop = Stop::No;
+    }
 }
 
 /// Whether the entry's worker was told to stop for good.

@@ -116,6 +116,10 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         log!("wal_listener: another worker streams database \"{database}\", or none more may run; this one stops");
         exit_process(0);
     };
+    if requests_seen.stop == Stop::DatabaseDropped {
+        // DROP DATABASE is still under way: keep out of the database.
+        exit_process(1);
+    }
     // On a standby the slots of other databases may be synced later (17+):
     // the static worker looks again once the server is promoted.
     let mut look_after_promotion = own_database.is_none() && unsafe { pg_sys::RecoveryInProgress() };
@@ -209,16 +213,18 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         if requests.stop != Stop::No && ending.is_none() {
             // A DROP rolled back to a savepoint, or followed by CREATE
             // EXTENSION in its transaction, leaves the extension in place.
-            let void = matches!(requests.stop, Stop::ExtensionDropped(_) | Stop::Abandoned)
-                && extension_exists_now(&runtime, &source);
-            if void {
-                log!(
-                    "wal_listener: the extension exists in database \"{}\"; the worker goes on",
-                    source.database
-                );
-                shmem::clear_stop(entry);
-            } else {
-                ending = Some(Ending { stop: requests.stop, deadline: Instant::now() + DROP_DRAIN });
+            let drops = matches!(requests.stop, Stop::ExtensionDropped(_) | Stop::Abandoned);
+            match drops.then(|| extension_exists_now(&runtime, &source)) {
+                Some(Some(true)) => {
+                    log!(
+                        "wal_listener: the extension exists in database \"{}\"; the worker goes on",
+                        source.database
+                    );
+                    shmem::clear_stop(entry, requests.stop);
+                }
+                // Not known yet: the request stays, and is looked at again.
+                Some(None) => {}
+                _ => ending = Some(Ending { stop: requests.stop, deadline: Instant::now() + DROP_DRAIN }),
             }
         }
         // The stream passed a committed DROP EXTENSION whose stop request
@@ -236,24 +242,28 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
                     // Nothing of an extension that exists is ever dropped: a
                     // DROP rolled back to a savepoint, DROP and CREATE in one
                     // transaction, a CREATE that lost the race to another.
-                    if extension_exists_now(&runtime, &source) {
-                        log!(
-                            "wal_listener: the extension exists in database \"{}\"; the worker goes on",
-                            source.database
-                        );
-                        shmem::clear_stop(entry);
-                        ending = None;
-                    } else {
-                        if let Stop::ExtensionDropped(lsn) = stop {
-                            warning!(
-                                "wal_listener: DROP EXTENSION at {}: changes committed before it and not published \
-                                 within {} s are not published (from {} on)",
-                                wal_listener_core::Lsn(lsn),
-                                DROP_DRAIN.as_secs(),
-                                wal_listener_core::Lsn(board.snapshot().confirmed_lsn.0)
+                    match extension_exists_now(&runtime, &source) {
+                        Some(true) => {
+                            log!(
+                                "wal_listener: the extension exists in database \"{}\"; the worker goes on",
+                                source.database
                             );
+                            shmem::clear_stop(entry, stop);
+                            ending = None;
                         }
-                        break;
+                        Some(false) => {
+                            if let Stop::ExtensionDropped(lsn) = stop {
+                                warning!(
+                                    "wal_listener: DROP EXTENSION at {}: changes committed before it and not \
+                                     published within {} s are not published (from {} on)",
+                                    wal_listener_core::Lsn(lsn),
+                                    DROP_DRAIN.as_secs(),
+                                    wal_listener_core::Lsn(board.snapshot().confirmed_lsn.0)
+                                );
+                            }
+                            break;
+                        }
+                        None => {}
                     }
                 }
             }
@@ -295,7 +305,9 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
     }
     runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
     write_log(&board);
-    let for_good = ending.is_some();
+    // After DROP DATABASE the worker exits 1: if the DROP failed, the
+    // postmaster starts it again; if not, the new one finds no database.
+    let for_good = matches!(ending, Some(Ending { stop: Stop::ExtensionDropped(_) | Stop::Abandoned, .. }));
     shmem::worker_stopped(entry, for_good);
     log!("wal_listener: worker stopped{}", if for_good { " for good" } else { "" });
     // Exit 1 unless stopped for good: after pg_terminate_backend the
@@ -352,14 +364,14 @@ fn start_workers_of_other_databases() {
 }
 
 /// Whether the extension exists in the worker's database, in a new
-/// snapshot; when no session answers in time, it is taken to exist.
-fn extension_exists_now(runtime: &tokio::runtime::Runtime, source: &SourceConfig) -> bool {
+/// snapshot; `None` when no session answered in time.
+fn extension_exists_now(runtime: &tokio::runtime::Runtime, source: &SourceConfig) -> Option<bool> {
     // The timer is made inside the runtime, which it needs.
     runtime
         .block_on(async {
             tokio::time::timeout(Duration::from_secs(5), pipeline::extension_exists(source)).await
         })
-        .unwrap_or(true)
+        .ok()
 }
 
 /// `proc_exit`, which not every version's bindings type as never returning.
