@@ -58,13 +58,37 @@ fn builder(name: &str) -> BackgroundWorkerBuilder {
 }
 
 /// The slot of a database: `wal_listener.slot_name` for `wal_listener.database`
-/// (as before there were others), `<slot_name>_<oid>` for the others, so
-/// slots, and the event ids derived from them, never collide.
+/// (as before there were others; see [`static_slot`]), `<slot_name>_<oid>`
+/// for the others, so slots, and the event ids derived from them, never
+/// collide. Inside a transaction.
 pub fn slot_for_database(oid: Option<u32>) -> String {
     match oid {
-        None => gucs::slot_name(),
+        None => static_slot(),
         Some(oid) => format!("{}_{oid}", gucs::slot_name()),
     }
+}
+
+/// The static worker's slot: `wal_listener.slot_name`, unless that slot
+/// does not exist and the database's own `<slot_name>_<oid>` does (it had a
+/// worker of its own before it became `wal_listener.database`, as on the
+/// Docker image's first start): that one is taken over, so nothing in it
+/// is lost or published twice.
+fn static_slot() -> String {
+    let named = gucs::slot_name();
+    if slot_exists(&named) {
+        return named;
+    }
+    let database = gucs::database();
+    // By name, not OID: the static worker has no database to look it up in.
+    database_slots()
+        .into_iter()
+        .find(|(_, oid)| database_name(*oid).as_deref() == Some(database.as_str()))
+        .map_or(named, |(slot, _)| slot)
+}
+
+fn slot_exists(name: &str) -> bool {
+    std::ffi::CString::new(name)
+        .is_ok_and(|name| !unsafe { pg_sys::SearchNamedReplicationSlot(name.as_ptr(), true) }.is_null())
 }
 
 /// Whether the database of `oid` is the one the static worker streams.
@@ -100,6 +124,11 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
     let database = match own_database {
         None => gucs::database(),
         Some(oid) => match BackgroundWorker::transaction(|| database_name(oid)) {
+            // It became wal_listener.database: the static worker takes its slot over.
+            Some(name) if name == gucs::database() => {
+                log!("wal_listener: database \"{name}\" is wal_listener.database now; its static worker streams it");
+                exit_process(0);
+            }
             Some(name) => name,
             None => {
                 log!("wal_listener: database {oid} no longer exists; its worker stops");
@@ -133,7 +162,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         port: unsafe { pg_sys::PostPortNumber } as u16,
         user: role,
         database,
-        slot: slot_for_database(own_database),
+        slot: BackgroundWorker::transaction(|| slot_for_database(own_database)),
         publication: gucs::publication(),
         require_extension: true,
         stop_at_drop: own_database.is_some(),
@@ -321,12 +350,36 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
 /// `<slot_name>_<its oid>`, which survives restarts. A worker that already
 /// runs makes the second one exit at once.
 fn start_workers_of_other_databases() {
+    let database = gucs::database();
+    for (slot, oid) in database_slots() {
+        // The static worker's own database: it streams that slot itself.
+        let name = BackgroundWorker::transaction(|| database_name(oid));
+        if name.is_none_or(|name| name == database) {
+            continue;
+        }
+        // Read without the lock: look the slot up again, with it.
+        let running = shmem::entry_of(oid).and_then(shmem::running_pid).is_some();
+        if running || !slot_exists(&slot) {
+            continue;
+        }
+        match start_for_database(oid) {
+            Ok(()) => log!("wal_listener: started the worker of database {oid} (slot \"{slot}\")"),
+            Err(e) => {
+                warning!("wal_listener: cannot start the worker of database {oid} (slot \"{slot}\"): {e}")
+            }
+        }
+    }
+}
+
+/// The slots named `<slot_name>_<oid>` whose database is that OID, read
+/// from shared memory without the lock.
+fn database_slots() -> Vec<(String, u32)> {
     let prefix = format!("{}_", gucs::slot_name());
     let mut found = Vec::new();
     unsafe {
         let control = pg_sys::ReplicationSlotCtl;
         if control.is_null() {
-            return;
+            return found;
         }
         let slots = (*control).replication_slots.as_ptr();
         for i in 0..pg_sys::max_replication_slots.max(0) as usize {
@@ -347,20 +400,7 @@ fn start_workers_of_other_databases() {
             }
         }
     }
-    for (slot, oid) in found {
-        // Read without the lock: look the slot up again, with it.
-        let name = std::ffi::CString::new(slot.clone()).unwrap_or_default();
-        let running = shmem::entry_of(oid).and_then(shmem::running_pid).is_some();
-        if running || unsafe { pg_sys::SearchNamedReplicationSlot(name.as_ptr(), true) }.is_null() {
-            continue;
-        }
-        match start_for_database(oid) {
-            Ok(()) => log!("wal_listener: started the worker of database {oid} (slot \"{slot}\")"),
-            Err(e) => {
-                warning!("wal_listener: cannot start the worker of database {oid} (slot \"{slot}\"): {e}")
-            }
-        }
-    }
+    found
 }
 
 /// Whether the extension exists in the worker's database, in a new
