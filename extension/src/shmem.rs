@@ -77,7 +77,8 @@ pub const MAX_WORKERS: usize = 32;
 /// Room for a database name (NAMEDATALEN).
 const NAME_CAPACITY: usize = 64;
 
-/// Why a worker stops for good (it exits 0, so the postmaster forgets it).
+/// Why a worker stops: after DROP EXTENSION or a rolled-back CREATE it exits
+/// 0 for good (the postmaster forgets it); after DROP DATABASE it exits 1.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Stop {
     No,
