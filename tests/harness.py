@@ -347,6 +347,9 @@ async def _read_stream(url: str, stream: str) -> list[Event]:
         js = nc.jetstream()
         info = await js.stream_info(stream)
         events = []
+        if info.state.messages == 0:
+            # An empty stream reports first_seq 0, and get_msg(0) is a bad request.
+            return events
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(stream, seq)
             events.append(Event(msg.subject, msg.headers, msg.data, msg.time))
