@@ -344,6 +344,37 @@ def test_kill_9_of_one_worker_and_a_restart_lose_and_duplicate_nothing_in_any_da
     assert workers["b"]["slot_name"] == f"wal_listener_{database_oid(cluster, 'b')}"
 
 
+def test_without_a_static_database_each_is_captured_and_one_made_static_keeps_its_slot(make_cluster, nats_server):
+    """wal_listener.database = '' (the Docker image's first start): every
+    database is captured where CREATE EXTENSION runs and no slot is made
+    for any other. Made wal_listener.database by a restart, app's static
+    worker takes over its slot: each row once across its two subjects."""
+    cluster = make_cluster(database="''")
+    for db in ("app", "b"):
+        setup_database(cluster, db)
+    wait_streaming(cluster, "app")
+    assert slot_names(cluster) == {f"wal_listener_{database_oid(cluster, db)}" for db in ("app", "b")}
+    assert set(cluster_status(cluster)) == {"app", "b"}
+    for db in ("app", "b"):
+        insert(cluster, db, 1, 200)
+    wait_for_subjects(nats_server.url, {"wal_listener.app.public_t": 1, "wal_listener.b.public_t": 1})
+    cluster.execute("ALTER SYSTEM SET wal_listener.database = 'app'")
+    cluster.restart()  # app's rows not yet published at the stop come on the static subject
+    assert wait_streaming(cluster, "app")["slot"] == f"wal_listener_{database_oid(cluster, 'app')}"
+    wait_streaming(cluster, "b")
+    insert(cluster, "app", 201, 300)
+    insert(cluster, "b", 201, 300)
+    app_subjects = ("wal_listener.app.public_t", "wal_listener.public_t")
+    wait_until(lambda: sum(len(by_subject(nats_server.url).get(s, [])) for s in app_subjects) >= 300, 60,
+               "app's 300 rows")
+    events = wait_for_subjects(nats_server.url, {"wal_listener.public_t": 1, "wal_listener.b.public_t": 300})
+    assert numbers(events["wal_listener.app.public_t"] + events["wal_listener.public_t"]) == list(range(1, 301))
+    assert numbers(events["wal_listener.b.public_t"]) == list(range(1, 301))
+    assert "wal_listener" not in slot_names(cluster)
+    assert {db: row["slot_name"] for db, row in cluster_status(cluster).items()} == {
+        db: f"wal_listener_{database_oid(cluster, db)}" for db in ("app", "b")}
+
+
 @pytest.mark.parametrize("setting, value", [("max_replication_slots", 2), ("max_wal_senders", 6)])
 def test_create_extension_beyond_capacity_is_refused_naming_the_setting(make_cluster, nats_server, setting, value):
     """With room for app and b only (a slot each; three walsenders each),

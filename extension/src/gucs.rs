@@ -85,7 +85,7 @@ pub fn register() {
     };
     string(
         c"wal_listener.database",
-        c"Database whose changes are streamed.",
+        c"Database streamed by the static worker (slot wal_listener.slot_name); empty: none, every database is captured where CREATE EXTENSION runs.",
         &DATABASE,
         GucContext::Postmaster,
     );

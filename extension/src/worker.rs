@@ -68,22 +68,18 @@ pub fn slot_for_database(oid: Option<u32>) -> String {
     }
 }
 
-/// The static worker's slot: `wal_listener.slot_name`, unless that slot
-/// does not exist and the database's own `<slot_name>_<oid>` does (it had a
-/// worker of its own before it became `wal_listener.database`, as on the
-/// Docker image's first start): that one is taken over, so nothing in it
-/// is lost or published twice.
+/// The static worker's slot: its database's own `<slot_name>_<oid>` if
+/// that exists (the database had a worker of its own before it became
+/// `wal_listener.database`, as on the Docker image's first start: taking it
+/// over loses nothing and publishes nothing twice), else
+/// `wal_listener.slot_name`. Read without the lock, then checked with it.
 fn static_slot() -> String {
-    let named = gucs::slot_name();
-    if slot_exists(&named) {
-        return named;
-    }
     let database = gucs::database();
     // By name, not OID: the static worker has no database to look it up in.
     database_slots()
         .into_iter()
-        .find(|(_, oid)| database_name(*oid).as_deref() == Some(database.as_str()))
-        .map_or(named, |(slot, _)| slot)
+        .find(|(slot, oid)| database_name(*oid).as_deref() == Some(database.as_str()) && slot_exists(slot))
+        .map_or_else(gucs::slot_name, |(slot, _)| slot)
 }
 
 fn slot_exists(name: &str) -> bool {
@@ -122,6 +118,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
     let pid = unsafe { pg_sys::MyProcPid };
     let own_database = Some(arg.value() as u32).filter(|&oid| oid != 0);
     let database = match own_database {
+        None if gucs::database().is_empty() => start_workers_only(),
         None => gucs::database(),
         Some(oid) => match BackgroundWorker::transaction(|| database_name(oid)) {
             // It became wal_listener.database: the static worker takes its slot over.
@@ -237,6 +234,18 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         if look_after_promotion && !unsafe { pg_sys::RecoveryInProgress() } {
             look_after_promotion = false;
             start_workers_of_other_databases();
+            // The database's own slot was synced after this worker chose one:
+            // a new worker takes it over (nothing has confirmed from the other).
+            let slot = BackgroundWorker::transaction(|| slot_for_database(None));
+            if slot != source.slot {
+                warning!(
+                    "wal_listener: promoted: slot \"{slot}\" of database \"{}\" exists now; the worker restarts \
+                     to stream it (drop slot \"{}\" if this worker created it)",
+                    source.database,
+                    source.slot
+                );
+                exit_process(1);
+            }
         }
         let requests = shmem::publish(entry, &board.snapshot());
         if requests.stop != Stop::No && ending.is_none() {
@@ -244,13 +253,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
             // EXTENSION in its transaction, leaves the extension in place.
             let drops = matches!(requests.stop, Stop::ExtensionDropped(_) | Stop::Abandoned);
             match drops.then(|| extension_exists_now(&runtime, &source)) {
-                Some(Some(true)) => {
-                    log!(
-                        "wal_listener: the extension exists in database \"{}\"; the worker goes on",
-                        source.database
-                    );
-                    shmem::clear_stop(entry, requests.stop);
-                }
+                Some(Some(true)) => withdraw_stop(entry, requests.stop, &source.database),
                 // Not known yet: the request stays, and is looked at again.
                 Some(None) => {}
                 _ => ending = Some(Ending { stop: requests.stop, deadline: Instant::now() + DROP_DRAIN }),
@@ -273,11 +276,7 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
                     // transaction, a CREATE that lost the race to another.
                     match extension_exists_now(&runtime, &source) {
                         Some(true) => {
-                            log!(
-                                "wal_listener: the extension exists in database \"{}\"; the worker goes on",
-                                source.database
-                            );
-                            shmem::clear_stop(entry, stop);
+                            withdraw_stop(entry, stop, &source.database);
                             ending = None;
                         }
                         Some(false) => {
@@ -371,6 +370,37 @@ fn start_workers_of_other_databases() {
     }
 }
 
+/// `wal_listener.database = ''`: no database is the static one, each is
+/// captured where `CREATE EXTENSION` runs. The static worker only starts
+/// the workers of the databases whose slots exist, at server start and
+/// again after promotion.
+fn start_workers_only() -> ! {
+    log!(
+        "wal_listener: wal_listener.database is empty: each database is captured where CREATE EXTENSION runs"
+    );
+    let mut look_after_promotion = unsafe { pg_sys::RecoveryInProgress() };
+    start_workers_of_other_databases();
+    loop {
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                STATUS_REFRESH_MS,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+        if BackgroundWorker::sigterm_received() {
+            exit_process(0);
+        }
+        if look_after_promotion && !unsafe { pg_sys::RecoveryInProgress() } {
+            look_after_promotion = false;
+            start_workers_of_other_databases();
+        }
+    }
+}
+
 /// The slots named `<slot_name>_<oid>` whose database is that OID, read
 /// from shared memory without the lock.
 fn database_slots() -> Vec<(String, u32)> {
@@ -401,6 +431,13 @@ fn database_slots() -> Vec<(String, u32)> {
         }
     }
     found
+}
+
+/// The extension a stop request was about exists (again): the worker goes
+/// on, and the request is withdrawn unless a newer one replaced it.
+fn withdraw_stop(entry: usize, stop: Stop, database: &str) {
+    log!("wal_listener: the extension exists in database \"{database}\"; the worker goes on");
+    shmem::clear_stop(entry, stop);
 }
 
 /// Whether the extension exists in the worker's database, in a new
