@@ -103,7 +103,7 @@ class Postgres:
         if base_backup_of:
             primary = base_backup_of
             self._run("pg_basebackup", "-D", str(self.data), "-h", str(primary.dir), "-p", str(primary.port),
-                      "-U", "postgres", "-X", "stream", "--no-sync")
+                      "-U", "postgres", "-X", "stream", "--no-sync", "--checkpoint=fast")
             (self.data / "standby.signal").touch()
             if os.getuid() == 0:
                 shutil.chown(self.data / "standby.signal", "postgres", "postgres")
