@@ -22,7 +22,7 @@ use pgrx::prelude::*;
 use wal_listener_core::replication::connection::{quote_literal, STREAM_APPLICATION_NAME};
 
 use crate::shmem::Stop;
-use crate::{shmem, worker};
+use crate::{gucs, shmem, worker};
 
 /// How long CREATE EXTENSION waits for the worker's slot at most.
 const SLOT_WAIT: Duration = Duration::from_secs(30);
@@ -278,7 +278,9 @@ fn check_capacity() {
              more: raise max_replication_slots and restart the server"
         );
     }
-    let databases = shmem::streamed_databases() as i32 + 1;
+    // This one, the others and the static one (none with wal_listener.database = '').
+    let databases =
+        (1 + shmem::other_streamed_databases() + usize::from(!gucs::database().is_empty())) as i32;
     let needed = WALSENDERS_PER_DATABASE * databases + foreign_senders;
     if needed > max_senders {
         error!(

@@ -273,10 +273,10 @@ pub fn stopping(index: usize) -> bool {
     TABLE.share().entries[index].stop != Stop::No
 }
 
-/// Databases with a worker entry, `wal_listener.database`'s included.
-pub fn streamed_databases() -> usize {
+/// Databases other than `wal_listener.database` with a worker entry.
+pub fn other_streamed_databases() -> usize {
     let table = TABLE.share();
-    1 + (1..MAX_WORKERS).filter(|&i| table.entries[i].database != 0).count()
+    (1..MAX_WORKERS).filter(|&i| table.entries[i].database != 0).count()
 }
 
 /// Counts a restart request and wakes the worker (SIGUSR1 sets its latch).
