@@ -348,7 +348,8 @@ def test_without_a_static_database_each_is_captured_and_one_made_static_keeps_it
     """wal_listener.database = '' (the Docker image's first start): every
     database is captured where CREATE EXTENSION runs and no slot is made
     for any other. Made wal_listener.database by a restart, app's static
-    worker takes over its slot: each row once across its two subjects."""
+    worker takes over its slot: each row once across its two subjects. That
+    slot lost, the worker refuses to make another until reset_slot()."""
     cluster = make_cluster(database="''")
     for db in ("app", "b"):
         setup_database(cluster, db)
@@ -371,8 +372,34 @@ def test_without_a_static_database_each_is_captured_and_one_made_static_keeps_it
     assert numbers(events["wal_listener.app.public_t"] + events["wal_listener.public_t"]) == list(range(1, 301))
     assert numbers(events["wal_listener.b.public_t"]) == list(range(1, 301))
     assert "wal_listener" not in slot_names(cluster)
+    own = f"wal_listener_{database_oid(cluster, 'app')}"
     assert {db: row["slot_name"] for db, row in cluster_status(cluster).items()} == {
-        db: f"wal_listener_{database_oid(cluster, db)}" for db in ("app", "b")}
+        "app": own, "b": f"wal_listener_{database_oid(cluster, 'b')}"}
+
+    # The taken-over slot lost: refused like any lost slot, no other made in its place.
+    nats_server.stop()
+    insert(cluster, "app", 301, 301)  # unacked: lost with the slot
+    wait_until(lambda: db_status(cluster, "app")["state"] == "backoff", 30, "app's worker to back off")
+
+    def drop():
+        try:
+            cluster.execute("SELECT pg_drop_replication_slot(%s)", (own,))
+            return True
+        except psycopg.Error:
+            return False
+
+    wait_until(drop, 60, "dropping the slot between the worker's retries", 0.05)
+    nats_server.start()
+    status = wait_until(lambda: "is gone" in ((s := db_status(cluster, "app"))["last_error"] or "") and s, 60,
+                        "an error naming the lost slot")
+    assert f'"{own}"' in status["last_error"] and status["slot"] == own
+    time.sleep(3)
+    assert "wal_listener" not in slot_names(cluster) and own not in slot_names(cluster)
+    assert "not published" in cluster.execute("SELECT wal_listener.reset_slot() AS m", dbname="app")[0]["m"]
+    assert wait_streaming(cluster, "app")["slot"] == "wal_listener"
+    insert(cluster, "app", 302, 302)
+    wait_until(lambda: [n for _, body in by_subject(nats_server.url).get("wal_listener.public_t", [])
+                        if (n := body["data"]["n"]) == 302], 60, "row 302 from the new slot")
 
 
 @pytest.mark.parametrize("setting, value", [("max_replication_slots", 2), ("max_wal_senders", 6)])

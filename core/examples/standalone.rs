@@ -39,6 +39,7 @@ async fn main() {
         publication: option("publication", Some("wal_listener")),
         require_extension: false,
         stop_at_drop: false,
+        take_over_database_slot: false,
         failover_slot: false,
     };
     let publish = PublishConfig {

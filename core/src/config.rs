@@ -17,6 +17,13 @@ pub struct SourceConfig {
     pub require_extension: bool,
     /// Make the slot a failover slot, synced to standbys (PostgreSQL 17+).
     pub failover_slot: bool,
+    /// Stream the database's own slot `<slot>_<database oid>` instead of
+    /// `slot` when it exists or was streamed from (the static worker: its
+    /// database was captured by a worker of its own before it became
+    /// `wal_listener.database`). Decided at each session start, so a slot
+    /// synced to a standby after the worker started is the one streamed
+    /// once it is promoted. See [`crate::replication::session_source`].
+    pub take_over_database_slot: bool,
     /// Stop at DROP EXTENSION's marker (the worker of a database other than
     /// `wal_listener.database`): publish everything before it, nothing after.
     pub stop_at_drop: bool,

@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 use tokio::sync::{watch, Notify};
 use wal_listener_core::config::SourceConfig;
 use wal_listener_core::pipeline;
+use wal_listener_core::replication::connection::quote_literal;
 use wal_listener_core::status::{unix_micros_now, LogLevel, StatusBoard};
 
 use crate::shmem::Stop;
@@ -68,18 +69,44 @@ pub fn slot_for_database(oid: Option<u32>) -> String {
     }
 }
 
-/// The static worker's slot: its database's own `<slot_name>_<oid>` if
-/// that exists (the database had a worker of its own before it became
-/// `wal_listener.database`, as on the Docker image's first start: taking it
-/// over loses nothing and publishes nothing twice), else
-/// `wal_listener.slot_name`. Read without the lock, then checked with it.
+/// The static worker's slot, as its pipeline chooses it at each session
+/// start (`replication::slot::own_or_named`): its database's own
+/// `<slot_name>_<oid>` if that exists (the database had a worker of its own
+/// before it became `wal_listener.database`, as on the Docker image's first
+/// start: taking it over loses nothing and publishes nothing twice) or, in
+/// that database, if it was streamed from and is gone (so that
+/// `reset_slot()` clears that one); else `wal_listener.slot_name`.
 fn static_slot() -> String {
+    let named = gucs::slot_name();
     let database = gucs::database();
     // By name, not OID: the static worker has no database to look it up in.
-    database_slots()
+    let own = database_slots()
         .into_iter()
-        .find(|(slot, oid)| database_name(*oid).as_deref() == Some(database.as_str()) && slot_exists(slot))
-        .map_or_else(gucs::slot_name, |(slot, _)| slot)
+        .find(|(slot, oid)| database_name(*oid).as_deref() == Some(database.as_str()) && slot_exists(slot));
+    if let Some((slot, _)) = own {
+        return slot;
+    }
+    let this = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    if this != 0 && is_static_database(this) {
+        let own = format!("{named}_{this}");
+        if streamed_before(&own) {
+            return own;
+        }
+    }
+    named
+}
+
+/// The extension's record of the slots streamed from, read in this database.
+fn streamed_before(slot: &str) -> bool {
+    let one = |query: &str| {
+        Spi::connect(|client| client.select(query, Some(1), &[])?.first().get_one::<bool>()).ok().flatten()
+    };
+    // Parsed only once the table is known to exist (in CREATE EXTENSION's hook it may not yet).
+    one("SELECT pg_catalog.to_regclass('wal_listener.streamed_slots') IS NOT NULL") == Some(true)
+        && one(&format!(
+            "SELECT EXISTS (SELECT FROM wal_listener.streamed_slots WHERE slot_name = {})",
+            quote_literal(slot)
+        )) == Some(true)
 }
 
 fn slot_exists(name: &str) -> bool {
@@ -159,9 +186,15 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         port: unsafe { pg_sys::PostPortNumber } as u16,
         user: role,
         database,
-        slot: BackgroundWorker::transaction(|| slot_for_database(own_database)),
+        // The static worker's choice is made at each session start, on its
+        // database: see `take_over_database_slot` and `static_slot`.
+        slot: match own_database {
+            None => gucs::slot_name(),
+            Some(oid) => slot_for_database(Some(oid)),
+        },
         publication: gucs::publication(),
         require_extension: true,
+        take_over_database_slot: own_database.is_none(),
         stop_at_drop: own_database.is_some(),
         failover_slot: gucs::failover_slot(),
     };
@@ -234,18 +267,6 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         if look_after_promotion && !unsafe { pg_sys::RecoveryInProgress() } {
             look_after_promotion = false;
             start_workers_of_other_databases();
-            // The database's own slot was synced after this worker chose one:
-            // a new worker takes it over (nothing has confirmed from the other).
-            let slot = BackgroundWorker::transaction(|| slot_for_database(None));
-            if slot != source.slot {
-                warning!(
-                    "wal_listener: promoted: slot \"{slot}\" of database \"{}\" exists now; the worker restarts \
-                     to stream it (drop slot \"{}\" if this worker created it)",
-                    source.database,
-                    source.slot
-                );
-                exit_process(1);
-            }
         }
         let requests = shmem::publish(entry, &board.snapshot());
         if requests.stop != Stop::No && ending.is_none() {
@@ -392,7 +413,8 @@ fn start_workers_only() -> ! {
         }
         pg_sys::check_for_interrupts!();
         if BackgroundWorker::sigterm_received() {
-            exit_process(0);
+            // As the streaming worker does: the postmaster starts it again.
+            exit_process(1);
         }
         if look_after_promotion && !unsafe { pg_sys::RecoveryInProgress() } {
             look_after_promotion = false;

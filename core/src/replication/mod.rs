@@ -92,6 +92,22 @@ impl From<Error> for OpenError {
     }
 }
 
+/// `cfg` with the slot this session streams (see
+/// `SourceConfig::take_over_database_slot`): the database's own slot if it
+/// exists, or if it was streamed from and is gone (then the session fails
+/// as for any lost slot instead of creating another), else `cfg.slot`.
+pub async fn session_source(cfg: &SourceConfig) -> Result<SourceConfig, OpenError> {
+    if !cfg.take_over_database_slot {
+        return Ok(cfg.clone());
+    }
+    let mut sql = match Sql::side(cfg).await {
+        Err(e) if is_missing_database(&e) => return Ok(cfg.clone()),
+        connected => connected?,
+    };
+    let slot = slot::own_or_named(&mut sql, &cfg.slot).await?;
+    Ok(SourceConfig { slot, ..cfg.clone() })
+}
+
 /// Checks the server, creates the publication and slot when missing and
 /// starts streaming from the slot's confirmed position.
 pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {

@@ -123,6 +123,32 @@ pub async fn ensure(
     Ok(Ensured { created })
 }
 
+/// `<named>_<oid of this database>` if that slot exists, or if this
+/// database's record says it was streamed from, else `named`.
+pub async fn own_or_named(sql: &mut Sql, named: &str) -> Result<String, Error> {
+    let row = sql
+        .rows(&format!(
+            "SELECT own, EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = own)::text, \
+                    (pg_catalog.to_regclass({}) IS NOT NULL)::text \
+               FROM (SELECT {} || '_' || oid AS own FROM pg_catalog.pg_database \
+                      WHERE datname = pg_catalog.current_database()) d",
+            quote_literal(STREAMED_SLOTS_TABLE),
+            quote_literal(named)
+        ))
+        .await?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let Some(own) = column(&row, 0) else { return Ok(named.to_owned()) };
+    let exists = column(&row, 1).as_deref() == Some("true");
+    let recorded = column(&row, 2).as_deref() == Some("true");
+    if exists || (recorded && streamed_before(sql, &own).await?) {
+        Ok(own)
+    } else {
+        Ok(named.to_owned())
+    }
+}
+
 /// Whether the worker streamed from `slot` before (the extension's record).
 async fn streamed_before(sql: &mut Sql, slot: &str) -> Result<bool, Error> {
     let query = format!("SELECT 1 FROM {STREAMED_SLOTS_TABLE} WHERE slot_name = {}", quote_literal(slot));
@@ -172,6 +198,9 @@ pub struct Checked {
 /// slot has something of this database to move past. One short session.
 pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Checked, Error> {
     let mut sql = Sql::side(cfg).await?;
+    let slot =
+        if cfg.take_over_database_slot { own_or_named(&mut sql, &cfg.slot).await? } else { cfg.slot.clone() };
+    let cfg = &SourceConfig { slot, ..cfg.clone() };
     let audit = crate::replication::primary_audit(&mut sql, cfg).await?;
     if heartbeat {
         sql.execute(&format!(
