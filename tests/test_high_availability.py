@@ -15,6 +15,8 @@ import pytest
 
 from conftest import PG_VERSION, on_one_version
 from harness import NatsCluster, Postgres, inserted_numbers, last_number, read_stream, stream_count, wait_until
+from test_multidb import by_subject, cluster_status, database_oid, insert, numbers, setup_database, wait_for_subjects, \
+    wait_streaming
 
 FAILOVER_SLOTS = int(PG_VERSION) >= 17
 
@@ -169,6 +171,46 @@ def test_failover_to_the_standby_loses_and_duplicates_nothing(primary_and_standb
     check_every_row_once_in_order(standby, nats_server.url, loader)
     # The filter version and its position were replicated: still in force.
     assert standby.execute("SELECT count(*) AS n FROM wal_listener.applied_versions") == [{"n": 1}]
+
+
+@pytest.mark.skipif(not FAILOVER_SLOTS, reason="failover slots need PostgreSQL 17 or later")
+def test_a_failover_keeps_every_database_captured(make_cluster, nats_server):
+    """A database captured by its own worker (slot wal_listener_<oid>) fails
+    over too: its synced slot gets a worker on the promoted standby, and
+    each of its rows, committed before and after, arrives once."""
+    primary = make_cluster()
+    for db in ("app", "b"):
+        setup_database(primary, db)
+        wait_streaming(primary, db)
+    oid = database_oid(primary, "b")
+    primary.execute("SELECT pg_create_physical_replication_slot('standby1', true)")
+    standby = standby_of(primary, nats_server.url)
+    try:
+        # Every acknowledged commit is on the standby, and no slot confirms past it.
+        primary.execute("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
+        primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'standby1'")
+        primary.execute("SELECT pg_reload_conf()")
+        wait_until(
+            lambda: len(standby.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name IN ('wal_listener', %s) AND synced "
+                "AND NOT temporary", (f"wal_listener_{oid}",))) == 2,
+            90,
+            "both slots to be synced to the standby",
+        )
+        insert(primary, "b", 1, 600, per_transaction=3)
+        wait_until(lambda: by_subject(nats_server.url).get("wal_listener.b.public_t"), 30, "b's first events")
+        primary.crash()
+        standby._run("pg_ctl", "-D", str(standby.data), "-w", "promote")
+        standby.execute("ALTER SYSTEM RESET synchronized_standby_slots")
+        standby.execute("SELECT pg_reload_conf()")
+        status = wait_streaming(standby, "b", timeout=90)
+        assert status["slot"] == f"wal_listener_{oid}"
+        insert(standby, "b", 601, 900)
+        events = wait_for_subjects(nats_server.url, {"wal_listener.b.public_t": 900}, timeout=120)
+        assert numbers(events["wal_listener.b.public_t"]) == list(range(1, 901))
+        assert set(cluster_status(standby)) == {"app", "b"}
+    finally:
+        standby.destroy()
 
 
 def lsn_at_least(server: Postgres, query: str, lsn: str) -> bool:
