@@ -402,12 +402,17 @@ def test_without_a_static_database_each_is_captured_and_one_made_static_keeps_it
                         if (n := body["data"]["n"]) == 302], 60, "row 302 from the new slot")
 
 
-@pytest.mark.parametrize("setting, value", [("max_replication_slots", 2), ("max_wal_senders", 6)])
-def test_create_extension_beyond_capacity_is_refused_naming_the_setting(make_cluster, nats_server, setting, value):
+@pytest.mark.parametrize("setting, value, static", [
+    ("max_replication_slots", 2, "'app'"),
+    ("max_wal_senders", 6, "'app'"),
+    ("max_wal_senders", 6, "''"),  # app captured like b: no static database to count
+])
+def test_create_extension_beyond_capacity_is_refused_naming_the_setting(make_cluster, nats_server, setting, value,
+                                                                        static):
     """With room for app and b only (a slot each; three walsenders each),
     CREATE EXTENSION in c fails with an ERROR naming the setting and leaves
     nothing in c; once DROP EXTENSION in b has freed its share, c can."""
-    cluster = make_cluster(server_settings={setting: value})
+    cluster = make_cluster(server_settings={setting: value}, database=static)
     setup_database(cluster, "app")
     setup_database(cluster, "b")
     wait_streaming(cluster, "app")
