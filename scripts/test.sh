@@ -29,9 +29,10 @@ for version in ${WAL_LISTENER_PG_VERSIONS:-15 16 17 18}; do
     case "$version" in
         15 | 18) suite=() what="end-to-end tests" ;;
         16) suite=("${core_suite[@]}") what="core end-to-end tests" ;;
-        *) suite=("${core_suite[@]}" test_high_availability.py::test_failover_to_the_standby_loses_and_duplicates_nothing)
+        *) suite=("${core_suite[@]}" test_high_availability.py::test_failover_to_the_standby_loses_and_duplicates_nothing
+            test_high_availability.py::test_a_failover_keeps_every_database_captured)
             what="core end-to-end tests" ;;
     esac
     echo "== $what on PostgreSQL $version"
-    (cd tests && WAL_LISTENER_PG="$version" "$WL_VENV/bin/pytest" -q -s -p no:cacheprovider "${suite[@]}")
+    (cd tests && WAL_LISTENER_PG="$version" "$WL_VENV/bin/pytest" -q -s -p no:cacheprovider --durations=15 "${suite[@]}")
 done

@@ -231,6 +231,7 @@ def test_the_chunk_key_is_the_replica_identity(cluster, nats_server):
 # 3. A lock held longer than the side session's lock_timeout.
 
 
+@on_one_version("15")
 def test_a_lock_held_past_lock_timeout_delays_a_backfill_but_does_not_fail_it(streaming, nats_server):
     cluster = streaming
     cluster.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
