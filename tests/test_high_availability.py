@@ -81,9 +81,9 @@ def check_every_row_once_in_order(server: Postgres, url: str, loader: Loader):
     assert numbers == sorted(numbers), "events out of commit order"
 
 
-def standby_of(primary: Postgres, nats_url: str) -> Postgres:
+def standby_of(primary: Postgres, nats_url: str, more: dict | None = None) -> Postgres:
     """A hot standby on the physical slot `standby1`, set up for failover slots."""
-    settings = {
+    settings = {**(more or {}),
         "primary_conninfo": f"'host={primary.dir} port={primary.port} user=postgres dbname=app application_name=standby1'",
         "primary_slot_name": "'standby1'",
         "hot_standby_feedback": "on",
@@ -175,40 +175,51 @@ def test_failover_to_the_standby_loses_and_duplicates_nothing(primary_and_standb
 
 @pytest.mark.skipif(not FAILOVER_SLOTS, reason="failover slots need PostgreSQL 17 or later")
 def test_a_failover_keeps_every_database_captured(make_cluster, nats_server):
-    """A database captured by its own worker (slot wal_listener_<oid>) fails
-    over too: its synced slot gets a worker on the promoted standby, and
-    each of its rows, committed before and after, arrives once."""
-    primary = make_cluster()
+    """Databases captured by workers of their own (slots wal_listener_<oid>,
+    wal_listener.database = '') fail over: on the promoted standby b's synced
+    slot gets its worker back, and app, the standby's wal_listener.database,
+    is streamed by the static worker from app's synced slot, whenever it
+    was synced. Each row, committed before and after, arrives once."""
+    primary = make_cluster(database="''")
     for db in ("app", "b"):
         setup_database(primary, db)
         wait_streaming(primary, db)
-    oid = database_oid(primary, "b")
+    oids = {db: database_oid(primary, db) for db in ("app", "b")}
     primary.execute("SELECT pg_create_physical_replication_slot('standby1', true)")
-    standby = standby_of(primary, nats_server.url)
+    standby = standby_of(primary, nats_server.url, {"wal_listener.database": "'app'"})
     try:
         # Every acknowledged commit is on the standby, and no slot confirms past it.
         primary.execute("ALTER SYSTEM SET synchronized_standby_slots = 'standby1'")
         primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'standby1'")
         primary.execute("SELECT pg_reload_conf()")
+        slots = [f"wal_listener_{oid}" for oid in oids.values()]
         wait_until(
             lambda: len(standby.execute(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name IN ('wal_listener', %s) AND synced "
-                "AND NOT temporary", (f"wal_listener_{oid}",))) == 2,
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = ANY(%s) AND synced AND NOT temporary",
+                (slots,))) == 2,
             90,
             "both slots to be synced to the standby",
         )
-        insert(primary, "b", 1, 600, per_transaction=3)
+        for db in ("app", "b"):
+            insert(primary, db, 1, 600, per_transaction=3)
         wait_until(lambda: by_subject(nats_server.url).get("wal_listener.b.public_t"), 30, "b's first events")
         primary.crash()
         standby._run("pg_ctl", "-D", str(standby.data), "-w", "promote")
         standby.execute("ALTER SYSTEM RESET synchronized_standby_slots")
         standby.execute("SELECT pg_reload_conf()")
-        status = wait_streaming(standby, "b", timeout=90)
-        assert status["slot"] == f"wal_listener_{oid}"
-        insert(standby, "b", 601, 900)
+        assert wait_streaming(standby, "b", timeout=90)["slot"] == f"wal_listener_{oids['b']}"
+        assert wait_streaming(standby, "app", timeout=90)["slot"] == f"wal_listener_{oids['app']}"
+        for db in ("app", "b"):
+            insert(standby, db, 601, 900)
+        app_subjects = ("wal_listener.app.public_t", "wal_listener.public_t")
+        wait_until(lambda: sum(len(by_subject(nats_server.url).get(s, [])) for s in app_subjects) >= 900, 120,
+                   "app's 900 rows")
         events = wait_for_subjects(nats_server.url, {"wal_listener.b.public_t": 900}, timeout=120)
         assert numbers(events["wal_listener.b.public_t"]) == list(range(1, 901))
+        assert numbers(events.get("wal_listener.app.public_t", []) + events["wal_listener.public_t"]) == \
+            list(range(1, 901))
         assert set(cluster_status(standby)) == {"app", "b"}
+        assert "wal_listener" not in {r["slot_name"] for r in standby.execute("SELECT slot_name FROM pg_replication_slots")}
     finally:
         standby.destroy()
 

@@ -22,7 +22,7 @@ pub struct SourceConfig {
     /// database was captured by a worker of its own before it became
     /// `wal_listener.database`). Decided at each session start, so a slot
     /// synced to a standby after the worker started is the one streamed
-    /// once it is promoted. See [`crate::replication::session_source`].
+    /// once it is promoted. See [`crate::replication::slot::own_or_named`].
     pub take_over_database_slot: bool,
     /// Stop at DROP EXTENSION's marker (the worker of a database other than
     /// `wal_listener.database`): publish everything before it, nothing after.

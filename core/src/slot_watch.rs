@@ -49,7 +49,7 @@ pub async fn run(config: watch::Receiver<PipelineConfig>, board: Arc<StatusBoard
                 board.set_warnings(WarningSource::Postgres, checked.audit.warnings);
                 board.set_held(checked.audit.held);
                 if let Some(line) =
-                    checked.retention.and_then(|r| warning.check(&r, &cfg.source.slot, Instant::now()))
+                    checked.retention.and_then(|r| warning.check(&r, &checked.slot, Instant::now()))
                 {
                     board.log(line.0, line.1);
                 }

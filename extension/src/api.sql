@@ -374,8 +374,10 @@ BEGIN
     END IF;
     DELETE FROM @extschema@.streamed_slots WHERE slot_name = v_slot;
     PERFORM @extschema@._request_restart();
+    -- The static database's own slot, gone and forgotten now, gives way to wal_listener.slot_name.
     RETURN format('the worker creates slot "%s" anew at the current WAL position; changes committed '
-                  'since the old slot''s last confirmed position are not published', v_slot);
+                  'since the last confirmed position of slot "%s" are not published',
+                  @extschema@._slot_name(), v_slot);
 END
 $$;
 COMMENT ON FUNCTION reset_slot() IS

@@ -198,10 +198,13 @@ pub extern "C-unwind" fn wal_listener_worker_main(arg: pg_sys::Datum) {
         stop_at_drop: own_database.is_some(),
         failover_slot: gucs::failover_slot(),
     };
+    let slot = match own_database {
+        None => format!("\"{0}\" or \"{0}_<database oid>\" if that exists", source.slot),
+        Some(_) => format!("\"{}\"", source.slot),
+    };
     log!(
-        "wal_listener: worker started (pid {pid}, database \"{}\", slot \"{}\", role \"{}\")",
+        "wal_listener: worker started (pid {pid}, database \"{}\", slot {slot}, role \"{}\")",
         source.database,
-        source.slot,
         source.user
     );
     let wake = EventFd::new();

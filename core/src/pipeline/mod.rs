@@ -144,8 +144,8 @@ async fn config_changed(config: &mut watch::Receiver<PipelineConfig>) {
 /// One session: connect, stream until something fails. Returns `Ok` when
 /// a new session should start at once (the extension was created).
 async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), OpenError> {
-    let cfg = PipelineConfig { source: replication::session_source(&cfg.source).await?, ..cfg };
     let session = replication::open(&cfg.source).await?;
+    let cfg = PipelineConfig { source: session.source.clone(), ..cfg };
     board.set_warnings(WarningSource::Postgres, session.warnings.clone());
     board.set_confirmed_lsn(session.start_lsn);
     let _slot_held = SlotHeld::new(&board);

@@ -48,6 +48,8 @@ pub const CONFIG_MESSAGE_PREFIX: &str = "wal_listener.config";
 /// A started replication session.
 pub struct Session {
     pub client: ReplicationClient,
+    /// The configuration with the slot this session streams.
+    pub source: SourceConfig,
     pub system_identifier: u64,
     /// The slot's `confirmed_flush_lsn`, read once our walsender held the slot.
     pub start_lsn: Lsn,
@@ -92,34 +94,22 @@ impl From<Error> for OpenError {
     }
 }
 
-/// `cfg` with the slot this session streams (see
-/// `SourceConfig::take_over_database_slot`): the database's own slot if it
-/// exists, or if it was streamed from and is gone (then the session fails
-/// as for any lost slot instead of creating another), else `cfg.slot`.
-pub async fn session_source(cfg: &SourceConfig) -> Result<SourceConfig, OpenError> {
-    if !cfg.take_over_database_slot {
-        return Ok(cfg.clone());
-    }
-    let mut sql = match Sql::side(cfg).await {
-        Err(e) if is_missing_database(&e) => return Ok(cfg.clone()),
-        connected => connected?,
-    };
-    let slot = slot::own_or_named(&mut sql, &cfg.slot).await?;
-    Ok(SourceConfig { slot, ..cfg.clone() })
-}
-
 /// Checks the server, creates the publication and slot when missing and
 /// starts streaming from the slot's confirmed position.
 pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {
-    let mut stream = match Sql::for_stream(cfg, vec![cfg.publication.clone()]).await {
-        Err(e) if is_missing_database(&e) => {
-            return Err(OpenError::not_ready(format!(
-                "waiting for database \"{}\" (wal_listener.database) to be created",
-                cfg.database
-            )))
+    let mut stream = connect_stream(cfg).await?;
+    // The slot this session streams (see `SourceConfig::take_over_database_slot`).
+    let mut cfg = cfg.clone();
+    if cfg.take_over_database_slot {
+        let slot = slot::own_or_named(&mut stream, &cfg.slot).await?;
+        if slot != cfg.slot {
+            // The stream session names its slot when it connects.
+            drop(stream);
+            cfg.slot = slot;
+            stream = connect_stream(&cfg).await?;
         }
-        connected => connected?,
-    };
+    }
+    let cfg = &cfg;
     let prepared = prepare(&mut stream, cfg).await?;
     let installed = prepared.extension_installed || !cfg.require_extension;
     let mut client = stream.into_client();
@@ -142,12 +132,23 @@ pub async fn open(cfg: &SourceConfig) -> Result<Session, OpenError> {
     };
     Ok(Session {
         client,
+        source: cfg.clone(),
         system_identifier: prepared.system_identifier,
         start_lsn,
         capture,
         warnings: prepared.warnings,
         held: prepared.held,
     })
+}
+
+async fn connect_stream(cfg: &SourceConfig) -> Result<Sql, OpenError> {
+    match Sql::for_stream(cfg, vec![cfg.publication.clone()]).await {
+        Err(e) if is_missing_database(&e) => Err(OpenError::not_ready(format!(
+            "waiting for database \"{}\" (wal_listener.database) to be created",
+            cfg.database
+        ))),
+        connected => Ok(connected?),
+    }
 }
 
 /// What [`prepare`] found and made sure of.

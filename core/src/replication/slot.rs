@@ -124,12 +124,14 @@ pub async fn ensure(
 }
 
 /// `<named>_<oid of this database>` if that slot exists, or if this
-/// database's record says it was streamed from, else `named`.
+/// database's record says it was streamed from, else `named`. A role that
+/// may not read the record (not a superuser) is refused later, with the
+/// reason, by the session's checks.
 pub async fn own_or_named(sql: &mut Sql, named: &str) -> Result<String, Error> {
     let row = sql
         .rows(&format!(
             "SELECT own, EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = own)::text, \
-                    (pg_catalog.to_regclass({}) IS NOT NULL)::text \
+                    coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass({}), 'SELECT'), false)::text \
                FROM (SELECT {} || '_' || oid AS own FROM pg_catalog.pg_database \
                       WHERE datname = pg_catalog.current_database()) d",
             quote_literal(STREAMED_SLOTS_TABLE),
@@ -187,6 +189,8 @@ impl SlotRetention {
 
 /// What [`check`] found.
 pub struct Checked {
+    /// The slot looked at (see `SourceConfig::take_over_database_slot`).
+    pub slot: String,
     /// `None` while the slot does not exist.
     pub retention: Option<SlotRetention>,
     /// The primary's setup audit.
@@ -223,5 +227,5 @@ pub async fn check(cfg: &SourceConfig, heartbeat: bool) -> Result<Checked, Error
             limit_bytes: number(1).filter(|&limit| limit >= 0).map(|limit| limit as u64),
         }
     });
-    Ok(Checked { retention, audit })
+    Ok(Checked { slot: cfg.slot.clone(), retention, audit })
 }
