@@ -251,7 +251,7 @@ fn wait_until_stopped(entry: usize) -> bool {
                 "wal_listener: the worker of the extension dropped here is still stopping; try again later"
             );
         }
-        sleep_a_little();
+        worker::sleep_on_latch(POLL_MS);
     }
     true
 }
@@ -341,7 +341,7 @@ fn stop_worker(oid: u32, entry: usize) {
             );
             break;
         }
-        sleep_a_little();
+        worker::sleep_on_latch(POLL_MS);
     }
 }
 
@@ -349,19 +349,6 @@ fn active_slots(database: u32) -> i32 {
     let (mut slots, mut active) = (0, 0);
     unsafe { pg_sys::ReplicationSlotsCountDBSlots(pg_sys::Oid::from(database), &mut slots, &mut active) };
     active
-}
-
-fn sleep_a_little() {
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            POLL_MS,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-    pg_sys::check_for_interrupts!();
 }
 
 /// `database`: the OID of a database other than `wal_listener.database`.
@@ -395,7 +382,7 @@ fn wait_for_slot(database: Option<u32>) {
         if let Some(entry) = entry() {
             shmem::request_slot(entry);
         }
-        sleep_a_little();
+        worker::sleep_on_latch(POLL_MS);
         if slot_ready(&slot) {
             return;
         }

@@ -405,16 +405,7 @@ fn start_workers_only() -> ! {
     let mut look_after_promotion = unsafe { pg_sys::RecoveryInProgress() };
     start_workers_of_other_databases();
     loop {
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                STATUS_REFRESH_MS,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pg_sys::check_for_interrupts!();
+        sleep_on_latch(STATUS_REFRESH_MS);
         if BackgroundWorker::sigterm_received() {
             // As the streaming worker does: the postmaster starts it again.
             exit_process(1);
@@ -474,6 +465,21 @@ fn extension_exists_now(runtime: &tokio::runtime::Runtime, source: &SourceConfig
             tokio::time::timeout(Duration::from_secs(5), pipeline::extension_exists(source)).await
         })
         .ok()
+}
+
+/// Sleeps until the latch is set or `timeout_ms` passed, then handles
+/// interrupts (a cancel, procsignal barriers); exits if the postmaster died.
+pub fn sleep_on_latch(timeout_ms: i64) {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout_ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
 }
 
 /// `proc_exit`, which not every version's bindings type as never returning.
