@@ -14,7 +14,8 @@ use async_nats::Subject;
 use bytes::Bytes;
 use wal_listener_core::ack_tracker::AckTracker;
 use wal_listener_core::config::PublishConfig;
-use wal_listener_core::publish::{Publisher, Reply, Sent};
+use wal_listener_core::event::Position;
+use wal_listener_core::publish::{headers, Publisher, Reply, Sent};
 use wal_listener_core::status::StatusBoard;
 use wal_listener_core::Lsn;
 
@@ -75,6 +76,8 @@ async fn main() {
     let board = Arc::new(StatusBoard::new(Box::new(|| {})));
     let mut publisher = Publisher::connect(&config, &board).await.expect("NATS reachable, stream created");
 
+    let position =
+        Position { commit_lsn: Lsn(0x1_6B37_4800), commit_time: 818_000_000_000_000, xid: 0, ordinal: 0 };
     let started = Instant::now();
     let mut in_flight = AckTracker::new(Lsn(0));
     for (subject, body) in messages {
@@ -84,7 +87,13 @@ async fn main() {
         let id = event_id(&body);
         let id = std::str::from_utf8(&id).expect("ASCII id");
         let bytes = body.len();
-        match publisher.publish(&subject, id, body, in_flight.next_sequence()).await.expect("published") {
+        // The headers the worker sends with a row event, so the baseline's messages are as large.
+        let headers = headers::row_event("public", "bench_rows", "READ", &position);
+        match publisher
+            .publish(&subject, id, headers, body, in_flight.next_sequence())
+            .await
+            .expect("published")
+        {
             Sent::Published => {
                 in_flight.published((), bytes, Instant::now());
             }

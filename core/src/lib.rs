@@ -3,7 +3,8 @@
 //! → [`event`] (JSON events, ids, subjects) → [`publish`] (JetStream) →
 //! [`pipeline`] (joins them; [`ack_tracker`] decides what may be confirmed).
 //! [`slot_watch`] watches the slot's WAL retention beside it; [`audit`]
-//! checks settings; [`status`] is what the host shows.
+//! checks settings; [`status`] is what the host shows; [`sql_message`] is
+//! what `publish()` writes into the WAL for the worker to send.
 
 pub mod ack_tracker;
 pub mod audit;
@@ -20,6 +21,7 @@ pub mod pipeline;
 pub mod publish;
 pub mod replication;
 pub mod slot_watch;
+pub mod sql_message;
 pub mod status;
 
 pub use error::Error;

@@ -462,6 +462,39 @@ AS $$
 $$;
 COMMENT ON FUNCTION cluster_status() IS 'The wal_listener worker of every streamed database of the cluster: one row each.';
 
+-- publish(): a message to NATS at this transaction's commit, in commit
+-- order with its row changes, never if it rolls back (README, "Publishing
+-- from SQL"). The payload goes as is: jsonb as its text, text as UTF-8,
+-- bytea raw; an untyped literal takes the text form. Each runs as the
+-- extension's owner, who reads the key _publish signs with; who may call
+-- them is granted below.
+CREATE FUNCTION publish(subject text, payload bytea, headers jsonb DEFAULT NULL) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT @extschema@._publish(subject, payload, headers) $$;
+CREATE FUNCTION publish(subject text, payload text, headers jsonb DEFAULT NULL) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT @extschema@._publish(subject, convert_to(payload, 'UTF8'), headers) $$;
+CREATE FUNCTION publish(subject text, payload jsonb, headers jsonb DEFAULT NULL) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT @extschema@._publish(subject, convert_to(payload::text, 'UTF8'), headers) $$;
+COMMENT ON FUNCTION publish(text, jsonb, jsonb) IS
+    'Publishes payload to subject when this transaction commits; never if it rolls back.';
+
+-- Who may publish: superusers, and the members of this role (roles are
+-- shared by the cluster's databases; another CREATE EXTENSION finds it).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'wal_listener_publisher') THEN
+        CREATE ROLE wal_listener_publisher NOLOGIN;
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION publish(text, bytea, jsonb), publish(text, text, jsonb), publish(text, jsonb, jsonb),
+    _publish(text, bytea, jsonb)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION publish(text, bytea, jsonb), publish(text, text, jsonb), publish(text, jsonb, jsonb)
+    TO wal_listener_publisher;
+
 -- Configuration is for superusers and roles an admin grants EXECUTE to;
 -- monitoring for pg_monitor. USAGE on the schema lets everyone else be
 -- refused by name ("permission denied for function add_filter").

@@ -39,6 +39,8 @@ static PUBLISH_MODE: GucSetting<PublishModeSetting> =
     GucSetting::<PublishModeSetting>::new(PublishModeSetting::Event);
 static TRANSACTION_END_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(false);
 static HEARTBEAT_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+static MAX_PUBLISH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+static PUBLISH_SUBJECTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 #[cfg(feature = "fault-injection")]
 static INJECT_FAULT: GucSetting<FaultSetting> = GucSetting::<FaultSetting>::new(FaultSetting::None);
 
@@ -269,6 +271,23 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    // Sighup, so a session cannot SET its way past them.
+    GucRegistry::define_int_guc(
+        c"wal_listener.max_publish_bytes",
+        c"Largest payload plus headers wal_listener.publish() accepts.",
+        c"Checked when publish() is called; keep it within the NATS server's max_payload.",
+        &MAX_PUBLISH_BYTES,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    string(
+        c"wal_listener.publish_subjects",
+        c"Comma-separated NATS subject patterns wal_listener.publish() may publish to; empty: <topic>.>.",
+        &PUBLISH_SUBJECTS,
+        GucContext::Sighup,
+    );
     #[cfg(feature = "fault-injection")]
     GucRegistry::define_enum_guc(
         c"wal_listener.inject_fault",
@@ -333,6 +352,11 @@ pub fn publication() -> String {
 
 pub fn failover_slot() -> bool {
     FAILOVER_SLOT.get()
+}
+
+/// `wal_listener.publish()`'s limits: (max_publish_bytes, publish_subjects, topic).
+pub fn publish_limits() -> (usize, String, String) {
+    (usize::try_from(MAX_PUBLISH_BYTES.get()).unwrap_or(0), text(&PUBLISH_SUBJECTS), text(&TOPIC))
 }
 
 /// `None` means the bootstrap superuser.

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 mod backfill_api;
 mod create_extension;
 mod gucs;
+mod publish_api;
 mod shmem;
 mod sql_api;
 mod worker;

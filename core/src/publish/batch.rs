@@ -35,6 +35,7 @@ pub const MAX_BATCH_MESSAGES: usize = 1000;
 pub struct Held<R> {
     pub route: R,
     pub id: String,
+    pub headers: async_nats::HeaderMap,
     pub body: Bytes,
 }
 
@@ -254,7 +255,7 @@ mod tests {
     use super::*;
 
     fn held(len: usize) -> Held<()> {
-        Held { route: (), id: "id".into(), body: Bytes::from(vec![b'x'; len]) }
+        Held { route: (), id: "id".into(), headers: Default::default(), body: Bytes::from(vec![b'x'; len]) }
     }
 
     const LIMITS: Limits = Limits { max_events: 1000, max_bytes: 1000, max_payload: 600 };

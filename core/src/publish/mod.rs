@@ -8,6 +8,7 @@
 //! every event. [`crate::ack_tracker::AckTracker`] tracks what is unacked.
 
 pub mod batch;
+pub mod headers;
 pub mod pub_ack;
 pub mod streams;
 pub mod tls;
@@ -44,6 +45,15 @@ pub struct Publisher {
     acks: Subscriber,
     reply_prefix: String,
     streams: StreamMap,
+}
+
+/// Where a message goes in an atomic batch.
+pub struct BatchPlace<'a> {
+    pub id: &'a str,
+    /// From 1.
+    pub number: usize,
+    /// On the last message: the publish sequence its PubAck answers.
+    pub commit_sequence: Option<u64>,
 }
 
 /// What became of one publish.
@@ -133,16 +143,17 @@ impl Publisher {
         &self.streams
     }
 
-    /// Sends one event; its PubAck arrives through [`next_ack`](Self::next_ack)
-    /// with `sequence`, which the caller chooses (one per publish).
+    /// Sends one event with `headers` (see [`headers`]) and `message_id`;
+    /// its PubAck arrives through [`next_ack`](Self::next_ack) with
+    /// `sequence`, which the caller chooses (one per publish).
     pub async fn publish(
         &self,
         subject: &Subject,
         message_id: &str,
+        mut headers: HeaderMap,
         payload: Bytes,
         sequence: u64,
     ) -> Result<Sent, Error> {
-        let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
         let reply = Subject::from(format!("{}{sequence}", self.reply_prefix));
         match self.client.publish_with_reply_and_headers(subject.clone(), reply, headers, payload).await {
@@ -160,23 +171,21 @@ impl Publisher {
         (info.version, info.max_payload)
     }
 
-    /// Sends message `number` (from 1) of atomic batch `batch_id`; the last
-    /// one commits it and carries the reply subject of `sequence`, where
-    /// the batch's PubAck arrives (the others get no reply).
+    /// Sends message `place.number` (from 1) of atomic batch `place.id`;
+    /// the last one commits it and carries the reply subject of its
+    /// `commit_sequence`, where the batch's PubAck arrives (the others get no reply).
     pub async fn publish_in_batch(
         &self,
         subject: &Subject,
         message_id: &str,
+        mut headers: HeaderMap,
         payload: Bytes,
-        batch_id: &str,
-        number: usize,
-        commit_sequence: Option<u64>,
+        place: BatchPlace<'_>,
     ) -> Result<(), Error> {
-        let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
-        headers.insert("Nats-Batch-Id", batch_id);
-        headers.insert("Nats-Batch-Sequence", number.to_string().as_str());
-        let published = match commit_sequence {
+        headers.insert("Nats-Batch-Id", place.id);
+        headers.insert("Nats-Batch-Sequence", place.number.to_string().as_str());
+        let published = match place.commit_sequence {
             Some(sequence) => {
                 headers.insert("Nats-Batch-Commit", "1");
                 let reply = Subject::from(format!("{}{sequence}", self.reply_prefix));

@@ -15,6 +15,7 @@ use crate::backfill::{Chunk, ChunkDone, Outcome, ToStreamer};
 use crate::event::{describe_row, encode_event_with, Action, Position, RowChange};
 use crate::filters::Decision;
 use crate::pgoutput::{OldTuple, Relation, TupleData, Value};
+use crate::publish::headers;
 use crate::publish::Sent;
 use crate::{Error, Lsn};
 
@@ -248,7 +249,10 @@ impl Streamer {
             let id = self.ids.backfill_id(chunk.id.backfill, &key).hyphenated().encode_lower(&mut id_buf);
             let mut body = Vec::with_capacity(self.last_event_len + 64);
             encode_event_with(&mut body, id, &change, &position, Some(chunk.id.backfill))?;
-            let sent = send(&mut self.tracker, &self.publisher, route.clone(), id, body.into()).await?;
+            let headers =
+                headers::row_event(&relation.namespace, &relation.name, Action::Read.as_str(), &position);
+            let sent =
+                send(&mut self.tracker, &self.publisher, route.clone(), id, headers, body.into()).await?;
             let what = match sent {
                 Sent::TooLarge(_) => {
                     format!("event {id} for {} sent by backfill {}", describe_row(&change), chunk.id.backfill)

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::{Route, Streamer};
 use crate::publish::batch::{batch_id, Held, NotHeld};
-use crate::publish::Sent;
+use crate::publish::{BatchPlace, Sent};
 use crate::status::LogLevel;
 use crate::Error;
 
@@ -69,8 +69,10 @@ impl Streamer {
         let (earlier, first_sequence) = self.batch.take_open();
         for (sequence, event) in (first_sequence..).zip(earlier) {
             // Each fitted max_payload when it was held.
-            if let Sent::TooLarge(why) =
-                self.publisher.publish(&event.route.subject, &event.id, event.body, sequence).await?
+            if let Sent::TooLarge(why) = self
+                .publisher
+                .publish(&event.route.subject, &event.id, event.headers, event.body, sequence)
+                .await?
             {
                 return Err(Error::Nats(format!("publishing event {} failed: {why}", event.id)));
             }
@@ -149,7 +151,13 @@ impl Streamer {
         for (index, held) in ready.events.into_iter().enumerate() {
             let commit = (index + 1 == count).then_some(last);
             self.publisher
-                .publish_in_batch(&held.route.subject, &held.id, held.body, &batch_id, index + 1, commit)
+                .publish_in_batch(
+                    &held.route.subject,
+                    &held.id,
+                    held.headers,
+                    held.body,
+                    BatchPlace { id: &batch_id, number: index + 1, commit_sequence: commit },
+                )
                 .await?;
         }
         self.tracker.sent(ready.first_sequence..=last, Instant::now());

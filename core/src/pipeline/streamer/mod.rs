@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::Subject;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
@@ -27,10 +27,12 @@ use crate::event::{
 use crate::filters::{Decision, FilterChange, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
 use crate::publish::batch::{Held, Limits, TransactionBatch};
+use crate::publish::headers;
 use crate::publish::streams::default_subject_probe;
 use crate::publish::{Publisher, Sent};
 use crate::replication::config_store::{self, FilterVersion};
 use crate::replication::{self, catalog};
+use crate::sql_message;
 use crate::status::{LogLevel, StatusBoard, WarningSource};
 use crate::{Error, Lsn};
 pub use backfill::BackfillLink;
@@ -39,6 +41,11 @@ use confirm_hold::ConfirmHold;
 
 /// How often the oldest unacked publish is checked against ACK_TIMEOUT.
 const ACK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The ordinal in a `publish()` message's id, which is derived from the
+/// message's own LSN: no row change has it (END has `u32::MAX`).
+const MESSAGE_ORDINAL: u32 = u32::MAX - 1;
+/// Routes of `publish()` subjects kept at most; then they are read anew.
+const MAX_MESSAGE_ROUTES: usize = 1024;
 
 /// Where the events of one table go: the subject, and the stream that
 /// stores it as read at connect (its PubAcks must name that stream).
@@ -114,6 +121,8 @@ pub struct Streamer {
     transaction_end_events: bool,
     /// Where END events go, as read at connect (cleared with `routes`).
     end_route: Option<Arc<Route>>,
+    /// Route per `publish()` subject (cleared with `routes`).
+    message_routes: HashMap<String, Arc<Route>>,
     /// Events held for the next atomic batch.
     batch: TransactionBatch<Arc<Route>>,
     batch_limits: Limits,
@@ -168,6 +177,7 @@ impl Streamer {
             publish_mode: cfg.publish.publish_mode,
             transaction_end_events: cfg.publish.transaction_end_events,
             end_route: None,
+            message_routes: HashMap::new(),
             batch: TransactionBatch::default(),
             batch_limits: Limits::new(
                 cfg.publish.max_in_flight.max(1),
@@ -311,6 +321,11 @@ impl Streamer {
             {
                 self.on_config_message(&content)
             }
+            ReplicationEvent::Message { transactional: true, prefix, content, lsn }
+                if prefix == sql_message::PREFIX =>
+            {
+                self.on_published_message(&content, lsn.into()).await
+            }
             ReplicationEvent::Message { transactional: true, prefix, lsn, .. }
                 if prefix == replication::DROPPED_MARKER_PREFIX && self.source.stop_at_drop =>
             {
@@ -396,6 +411,76 @@ impl Streamer {
         Ok(())
     }
 
+    /// A `publish()` call of the transaction being received: sent in its
+    /// place among the transaction's events (in its atomic batch in
+    /// `publish_mode = transaction`), its payload as is, with an id derived
+    /// from the message's LSN, so a replay is dropped as a duplicate.
+    async fn on_published_message(&mut self, content: &[u8], lsn: Lsn) -> Result<(), Error> {
+        let transaction = self.transaction.as_ref().ok_or_else(|| {
+            Error::Replication("protocol: a transactional message outside a transaction".into())
+        })?;
+        if transaction.before_capture {
+            return Ok(());
+        }
+        let begin = transaction.begin;
+        if self.message_key.is_none() {
+            self.message_key = Some(config_store::message_key(&self.source).await?);
+        }
+        let key = self.message_key.as_deref().unwrap_or_default();
+        let Some(frame) = crate::filters::verified_payload(key, begin.xid, content) else {
+            // Only publish() signs: anyone may call pg_logical_emit_message.
+            self.board.log(
+                LogLevel::Warning,
+                format!(
+                    "ignored a \"{}\" message at {lsn}: not written by wal_listener.publish() in the transaction \
+                     committed at {} (a pg_logical_emit_message with that prefix, or a copy of one)",
+                    sql_message::PREFIX,
+                    begin.final_lsn
+                ),
+            );
+            return Ok(());
+        };
+        let bad = |e: String| Error::Replication(format!("the publish() message at {lsn}: {e}"));
+        let message = sql_message::decode(frame).map_err(bad)?;
+        let headers =
+            headers::published_message(&message.headers, begin.final_lsn, begin.commit_time).map_err(bad)?;
+        let route = self.message_route(message.subject, lsn).await?;
+        let body = message.payload.to_vec();
+        let mut id_buf = [0u8; 36];
+        let id = self.ids.id_text(lsn, MESSAGE_ORDINAL, &mut id_buf).to_owned();
+        let what = Some(format!("the publish() message at {lsn} to {}", route.subject));
+        self.publish_one(route, id, headers, body, what, begin.final_lsn).await
+    }
+
+    /// Where a `publish()` message goes. A subject no stream stores holds
+    /// the session here (it ends with the error, and the next one tries
+    /// again): skipping would lose the message, and sending it would leave
+    /// a PubAck that never comes.
+    async fn message_route(&mut self, subject: &str, lsn: Lsn) -> Result<Arc<Route>, Error> {
+        if let Some(route) = self.message_routes.get(subject) {
+            return Ok(route.clone());
+        }
+        if self.publisher.stream_for(subject).is_none() {
+            // Created since the session started?
+            self.publisher.refresh_streams().await?;
+        }
+        let Some(stream) = self.publisher.stream_for(subject) else {
+            return Err(Error::Nats(format!(
+                "the publish() message at {lsn} goes to {subject}, which no JetStream stream stores: it and \
+                 everything after it wait until a stream stores that subject"
+            )));
+        };
+        if let Some(refusal) = self.publisher.streams().refusal([subject]) {
+            return Err(Error::Nats(refusal));
+        }
+        if self.message_routes.len() >= MAX_MESSAGE_ROUTES {
+            self.message_routes.clear();
+        }
+        let route = Arc::new(Route { subject: Subject::from(subject), stream: Some(stream) });
+        self.message_routes.insert(subject.to_owned(), route.clone());
+        Ok(route)
+    }
+
     /// The filter change a transaction's config messages describe, taking
     /// only those the extension's triggers signed: any role may write a
     /// message with our prefix, and one did replace every filter.
@@ -477,6 +562,7 @@ impl Streamer {
         self.filter_version = version;
         self.routes.clear();
         self.end_route = None;
+        self.message_routes.clear();
         self.board.log(
             LogLevel::Info,
             format!(
@@ -600,6 +686,7 @@ impl Streamer {
         let kinds = self.kinds.get(&relation_id).map(Vec::as_slice).unwrap_or_default();
         let change = RowChange { relation, kinds, action, new, old };
         encode_event(&mut body, id, &change, &position)?;
+        let headers = headers::row_event(&relation.namespace, &relation.name, action.as_str(), &position);
         self.last_event_len = body.len();
         let route = route(
             &mut self.routes,
@@ -611,7 +698,7 @@ impl Streamer {
         // The row is named now, while it is at hand, in case it is too large.
         let row = (body.len() + 1024 > self.batch_limits.max_payload).then(|| describe_row(&change));
         let id = id.to_owned();
-        self.publish_one(route, id, body, row, position.commit_lsn).await
+        self.publish_one(route, id, headers, body, row, position.commit_lsn).await
     }
 
     /// Publishes an event of the current transaction (held for its batch in
@@ -621,21 +708,24 @@ impl Streamer {
         &mut self,
         route: Arc<Route>,
         id: String,
+        headers: HeaderMap,
         body: Vec<u8>,
         row: Option<String>,
         commit_lsn: Lsn,
     ) -> Result<(), Error> {
         let counted = route.clone();
         if self.publish_mode == PublishMode::Transaction {
-            let held = Held { route, id, body: Bytes::from(body) };
+            let held = Held { route, id, headers, body: Bytes::from(body) };
             let Some(held) = self.hold(held).await? else {
                 self.count_for_end(counted);
                 return Ok(());
             };
-            let sent = send(&mut self.tracker, &self.publisher, held.route, &held.id, held.body).await?;
+            let sent =
+                send(&mut self.tracker, &self.publisher, held.route, &held.id, held.headers, held.body)
+                    .await?;
             return self.sent_one(sent, counted, &held.id, row, commit_lsn).await;
         }
-        let sent = send(&mut self.tracker, &self.publisher, route, &id, Bytes::from(body)).await?;
+        let sent = send(&mut self.tracker, &self.publisher, route, &id, headers, Bytes::from(body)).await?;
         self.sent_one(sent, counted, &id, row, commit_lsn).await
     }
 
@@ -693,7 +783,9 @@ impl Streamer {
         let mut body = Vec::with_capacity(160 + 48 * counts.len());
         encode_end(&mut body, &id, &position, &counts);
         let route = self.end_route();
-        self.publish_one(route, id, body, Some("the END event".to_owned()), position.commit_lsn).await
+        let headers = headers::end_event(&position);
+        self.publish_one(route, id, headers, body, Some("the END event".to_owned()), position.commit_lsn)
+            .await
     }
 
     fn end_route(&mut self) -> Arc<Route> {
@@ -759,11 +851,12 @@ async fn send(
     publisher: &Publisher,
     route: Arc<Route>,
     id: &str,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Sent, Error> {
     let bytes = body.len();
     let sequence = tracker.next_sequence();
-    let sent = publisher.publish(&route.subject, id, body, sequence).await?;
+    let sent = publisher.publish(&route.subject, id, headers, body, sequence).await?;
     if let Sent::Published = sent {
         tracker.published(route, bytes, Instant::now());
     }

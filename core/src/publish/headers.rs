@@ -1,0 +1,86 @@
+//! The NATS headers of what the worker publishes: an event's routing facts
+//! (so consumers and stream subject transforms filter without parsing the
+//! body; the body is unchanged), and a `publish()` message's own headers.
+//! `Nats-Msg-Id` is added by [`super::Publisher`].
+
+use async_nats::header::{HeaderMap, HeaderName};
+
+use crate::event::time::write_rfc3339_utc;
+use crate::event::Position;
+use crate::Lsn;
+
+pub const ACTION: HeaderName = HeaderName::from_static("WL-Action");
+pub const SCHEMA: HeaderName = HeaderName::from_static("WL-Schema");
+pub const TABLE: HeaderName = HeaderName::from_static("WL-Table");
+/// The commit's LSN as Postgres writes it: the body's `lsn`.
+pub const COMMIT_LSN: HeaderName = HeaderName::from_static("WL-Commit-LSN");
+/// RFC 3339, UTC, microseconds: the body's `commitTime`.
+pub const COMMIT_TIME: HeaderName = HeaderName::from_static("WL-Commit-Time");
+
+/// A row event's headers; `action` as in the body (`INSERT` … `READ`).
+pub fn row_event(schema: &str, table: &str, action: &str, position: &Position) -> HeaderMap {
+    let mut headers = commit(position.commit_lsn, position.commit_time);
+    headers.insert(ACTION, action);
+    headers.insert(SCHEMA, schema);
+    headers.insert(TABLE, table);
+    headers
+}
+
+/// An END event's headers.
+pub fn end_event(position: &Position) -> HeaderMap {
+    let mut headers = commit(position.commit_lsn, position.commit_time);
+    headers.insert(ACTION, "END");
+    headers
+}
+
+/// A `publish()` message's headers: the caller's (checked when it was
+/// called) and where its transaction committed. A name NATS would refuse
+/// is an error, not a panic.
+pub fn published_message(
+    given: &[(&str, &str)],
+    commit_lsn: Lsn,
+    commit_time: i64,
+) -> Result<HeaderMap, String> {
+    let mut headers = commit(commit_lsn, commit_time);
+    for (name, value) in given {
+        let name: HeaderName = name.parse().map_err(|e| format!("header name {name:?}: {e}"))?;
+        headers.append(name, *value);
+    }
+    Ok(headers)
+}
+
+fn commit(commit_lsn: Lsn, commit_time: i64) -> HeaderMap {
+    let mut time = Vec::with_capacity(32);
+    write_rfc3339_utc(&mut time, commit_time);
+    let mut headers = HeaderMap::new();
+    headers.insert(COMMIT_LSN, commit_lsn.to_string());
+    headers.insert(COMMIT_TIME, String::from_utf8(time).expect("RFC 3339 is ASCII"));
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_event_headers_name_the_row_and_its_commit_as_the_body_does() {
+        let position = Position { commit_lsn: Lsn(0x1_0000_00AB), commit_time: 0, xid: 7, ordinal: 3 };
+        let headers = row_event("public", "orders", "INSERT", &position);
+        assert_eq!(headers.get(ACTION).unwrap().as_str(), "INSERT");
+        assert_eq!(headers.get(SCHEMA).unwrap().as_str(), "public");
+        assert_eq!(headers.get(TABLE).unwrap().as_str(), "orders");
+        assert_eq!(headers.get(COMMIT_LSN).unwrap().as_str(), "1/AB");
+        assert_eq!(headers.get(COMMIT_TIME).unwrap().as_str(), "2000-01-01T00:00:00.000000Z");
+        assert_eq!(end_event(&position).get(ACTION).unwrap().as_str(), "END");
+        assert!(end_event(&position).get(TABLE).is_none());
+    }
+
+    #[test]
+    fn published_message_headers_keep_repeated_names_and_refuse_bad_ones() {
+        let headers = published_message(&[("Tag", "a"), ("Tag", "b"), ("Type", "x")], Lsn(16), 0).unwrap();
+        let tags: Vec<&str> = headers.get_all("Tag").map(|v| v.as_str()).collect();
+        assert_eq!(tags, ["a", "b"]);
+        assert_eq!(headers.get(COMMIT_LSN).unwrap().as_str(), "0/10");
+        assert!(published_message(&[("a:b", "x")], Lsn(16), 0).is_err());
+    }
+}
