@@ -1,5 +1,6 @@
-"""The demo: nats-server plus Postgres with wal_listener, a few rows changed,
-the events printed as a NATS subscriber receives them."""
+"""The demo: nats-server plus Postgres with wal_listener, a few rows changed
+and a message published from SQL in the transaction of an INSERT, printed
+as a NATS subscriber receives them."""
 
 import asyncio
 import json
@@ -18,7 +19,14 @@ CHANGES = [
     "UPDATE users SET plan = 'team' WHERE id = 1",
     "DELETE FROM users WHERE id = 2",
     "TRUNCATE users",
+    # An outbox without a table: the message goes out at this commit, after the INSERT's event.
+    """BEGIN;
+  INSERT INTO users VALUES (3, 'grace@example.com', 'pro', NULL, now());
+  SELECT wal_listener.publish('wal_listener.users.signed_up', jsonb_build_object('user_id', 3, 'plan', 'pro'),
+                              '{"Type": "UserSignedUp"}');
+  COMMIT""",
 ]
+EXPECTED = 7
 SHOWN_STATUS = ["state", "pid", "slot", "confirmed_flush_lsn", "lag_bytes", "events_published", "nats_connected"]
 
 
@@ -28,7 +36,7 @@ async def print_events(url: str, expected: int):
     sub = await js.subscribe("wal_listener.>", ordered_consumer=True)
     for _ in range(expected):
         msg = await sub.next_msg(timeout=30)
-        print(f"\n{msg.subject}  Nats-Msg-Id: {msg.headers['Nats-Msg-Id']}")
+        print(f"\n{msg.subject}  headers: {dict(sorted(msg.headers.items()))}")
         print(json.dumps(json.loads(msg.data), indent=2, ensure_ascii=False))
     await nc.close()
 
@@ -47,8 +55,8 @@ def main():
         for statement in CHANGES:
             print(f"  {statement};")
             cluster.execute(statement)
-        asyncio.run(print_events(nats_server.url, expected=5))
-        wait_until(lambda: cluster.status()["events_published"] == 5, 10, "status to count the events")
+        asyncio.run(print_events(nats_server.url, expected=EXPECTED))
+        wait_until(lambda: cluster.status()["events_published"] == EXPECTED, 10, "status to count the events")
         status = cluster.status()
         print(f"\nSELECT {', '.join(SHOWN_STATUS)} FROM wal_listener.status();")
         for key in SHOWN_STATUS:

@@ -17,6 +17,11 @@ use crate::publish::streams::subject_matches;
 /// The logical message prefix of `publish()`.
 pub const PREFIX: &str = "wal_listener.publish";
 const VERSION: u8 = 1;
+/// Room for the headers the worker adds (`Nats-Msg-Id`, `WL-Commit-LSN`,
+/// `WL-Commit-Time`, about 150 bytes with NATS' framing), counted against
+/// the cap: NATS' `max_payload` counts headers too, so a payload of exactly
+/// `max_payload` would pass the check and then be refused by the server.
+pub const ADDED_HEADER_BYTES: usize = 256;
 
 /// Header name prefixes the caller may not set: `Nats-*` steer JetStream
 /// (`Nats-Expected-*` would make the stream refuse the message and stall
@@ -141,7 +146,7 @@ fn check_header_name(name: &str) -> Result<(), String> {
 }
 
 /// The frame of one checked message, within `max_bytes` for its payload
-/// and headers together.
+/// and headers together, the worker's own included.
 pub fn encode(
     subject: &str,
     headers: &[(String, String)],
@@ -149,11 +154,11 @@ pub fn encode(
     max_bytes: usize,
 ) -> Result<Vec<u8>, Refusal> {
     let header_bytes: usize = headers.iter().map(|(name, value)| name.len() + value.len() + 4).sum();
-    let size = payload.len() + header_bytes;
+    let size = payload.len() + header_bytes + ADDED_HEADER_BYTES;
     if size > max_bytes {
         return Err(Refusal::TooLarge(format!(
-            "the message is {size} bytes (payload {}, headers {header_bytes}); wal_listener.max_publish_bytes \
-             is {max_bytes}",
+            "the message is {size} bytes (payload {}, headers {header_bytes}, and {ADDED_HEADER_BYTES} for the \
+             headers wal_listener adds); wal_listener.max_publish_bytes is {max_bytes}",
             payload.len()
         )));
     }
@@ -307,27 +312,30 @@ mod tests {
         let headers = vec![("Type".to_string(), "order".to_string()), ("Tag".into(), "".into())];
         let payload = [0u8, 255, b'{', 0, b'\n'];
         let frame = encode("orders.created", &headers, &payload, 1024).unwrap();
+        assert!(frame.len() < 1024);
         let published = decode(&frame).unwrap();
         assert_eq!(published.subject, "orders.created");
         assert_eq!(published.headers, vec![("Type", "order"), ("Tag", "")]);
         assert_eq!(published.payload, payload);
-        let empty = encode("a", &[], b"", 0).unwrap();
+        let empty = encode("a", &[], b"", ADDED_HEADER_BYTES).unwrap();
         assert_eq!(decode(&empty).unwrap(), Published { subject: "a", headers: vec![], payload: b"" });
     }
 
     #[test]
     fn the_size_cap_counts_payload_and_headers() {
         let headers = vec![("ab".to_string(), "cd".to_string())];
-        assert!(encode("a", &headers, &[0; 92], 100).is_ok());
-        let err = encode("a", &headers, &[0; 93], 100).unwrap_err();
+        let cap = 100 + ADDED_HEADER_BYTES;
+        assert!(encode("a", &headers, &[0; 92], cap).is_ok());
+        let err = encode("a", &headers, &[0; 93], cap).unwrap_err();
+        let size = format!("{} bytes", cap + 1);
         assert!(
-            matches!(err, Refusal::TooLarge(ref m) if m.contains("101 bytes") && m.contains("max_publish_bytes"))
+            matches!(err, Refusal::TooLarge(ref m) if m.contains(&size) && m.contains("max_publish_bytes"))
         );
     }
 
     #[test]
     fn a_cut_or_unknown_frame_is_an_error_not_a_panic() {
-        let frame = encode("orders.created", &[("A".into(), "b".into())], b"xyz", 100).unwrap();
+        let frame = encode("orders.created", &[("A".into(), "b".into())], b"xyz", 1000).unwrap();
         // Each cut inside the subject and headers fails; past them it is a shorter payload.
         let payload_start = frame.len() - 3;
         for cut in 0..payload_start {
