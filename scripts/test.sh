@@ -20,10 +20,11 @@ cargo build --quiet --release -p wal_listener_core --example standalone
 
 # What can differ between major versions: the SQL API and its hooks, how
 # each type is written, capture start, the pipeline, backfill values, the
-# packaged install, capture in several databases; on 17 (the first with
-# failover slots) the failover tests.
+# packaged install, capture in several databases, publish() (logical
+# messages, two-phase commit); on 17 (the first with failover slots) the
+# failover tests.
 core_suite=(test_sql_api.py test_pipeline.py test_types.py test_capture_start.py test_backfill_values.py test_multidb.py
-    test_packaging.py)
+    test_packaging.py test_publish.py)
 for version in ${WAL_LISTENER_PG_VERSIONS:-15 16 17 18}; do
     bash scripts/install.sh "$version"
     case "$version" in

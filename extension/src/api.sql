@@ -465,18 +465,19 @@ COMMENT ON FUNCTION cluster_status() IS 'The wal_listener worker of every stream
 -- publish(): a message to NATS at this transaction's commit, in commit
 -- order with its row changes, never if it rolls back (README, "Publishing
 -- from SQL"). The payload goes as is: jsonb as its text, text as UTF-8,
--- bytea raw; an untyped literal takes the text form. Each runs as the
--- extension's owner, who reads the key _publish signs with; who may call
--- them is granted below.
+-- bytea raw; an untyped literal takes the text form. Plain SQL that the
+-- planner inlines (a SECURITY DEFINER wrapper cost more than the rest of
+-- the call): it runs as the caller, so every name in it is qualified, and
+-- _publish does the checks.
 CREATE FUNCTION publish(subject text, payload bytea, headers jsonb DEFAULT NULL) RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE sql VOLATILE
 AS $$ SELECT @extschema@._publish(subject, payload, headers) $$;
 CREATE FUNCTION publish(subject text, payload text, headers jsonb DEFAULT NULL) RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT @extschema@._publish(subject, convert_to(payload, 'UTF8'), headers) $$;
+LANGUAGE sql VOLATILE
+AS $$ SELECT @extschema@._publish(subject, pg_catalog.convert_to(payload, 'UTF8'), headers) $$;
 CREATE FUNCTION publish(subject text, payload jsonb, headers jsonb DEFAULT NULL) RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT @extschema@._publish(subject, convert_to(payload::text, 'UTF8'), headers) $$;
+LANGUAGE sql VOLATILE
+AS $$ SELECT @extschema@._publish(subject, pg_catalog.convert_to(payload::pg_catalog.text, 'UTF8'), headers) $$;
 COMMENT ON FUNCTION publish(text, jsonb, jsonb) IS
     'Publishes payload to subject when this transaction commits; never if it rolls back.';
 
@@ -492,7 +493,8 @@ $$;
 REVOKE ALL ON FUNCTION publish(text, bytea, jsonb), publish(text, text, jsonb), publish(text, jsonb, jsonb),
     _publish(text, bytea, jsonb)
     FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION publish(text, bytea, jsonb), publish(text, text, jsonb), publish(text, jsonb, jsonb)
+GRANT EXECUTE ON FUNCTION publish(text, bytea, jsonb), publish(text, text, jsonb), publish(text, jsonb, jsonb),
+    _publish(text, bytea, jsonb)
     TO wal_listener_publisher;
 
 -- Configuration is for superusers and roles an admin grants EXECUTE to;

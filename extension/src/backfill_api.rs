@@ -8,6 +8,8 @@ use std::ffi::{CStr, CString};
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
+
+use crate::user_switch::UserSwitch;
 use wal_listener_core::replication::connection::TEXT_SETTINGS;
 
 /// Enqueues a backfill of `tbl` (see `_enqueue_backfill` in api.sql) to be
@@ -166,33 +168,6 @@ fn _read_chunk(
 
 /// The most rows one cursor fetch takes: the bytes bound is checked between fetches.
 const FETCH_ROWS: usize = 256;
-
-/// Switches the current user for as long as it lives, like a SECURITY
-/// DEFINER function; an error unwinding through it also restores (so does
-/// the (sub)transaction's abort).
-struct UserSwitch {
-    saved_user: pg_sys::Oid,
-    saved_context: i32,
-}
-
-impl UserSwitch {
-    fn to(user: pg_sys::Oid, restrictions: u32) -> Self {
-        let mut saved_user = pg_sys::Oid::INVALID;
-        let mut saved_context = 0;
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-            let context = saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32 | restrictions as i32;
-            pg_sys::SetUserIdAndSecContext(user, context);
-        }
-        UserSwitch { saved_user, saved_context }
-    }
-}
-
-impl Drop for UserSwitch {
-    fn drop(&mut self) {
-        unsafe { pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context) };
-    }
-}
 
 /// What [`fetch_as`] read: flattened tuples (TOAST fetched and
 /// decompressed) in the caller's memory context, their descriptor, and

@@ -10,6 +10,7 @@ mod gucs;
 mod publish_api;
 mod shmem;
 mod sql_api;
+mod user_switch;
 mod worker;
 
 ::pgrx::pg_module_magic!();

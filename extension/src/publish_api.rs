@@ -2,15 +2,24 @@
 //! at call time (each a clear error, nothing written), then the signed
 //! frame as a transactional logical message, which the worker publishes at
 //! the transaction's commit. The SQL overloads in `api.sql` turn the
-//! payload into bytes and run as the extension's owner (SECURITY DEFINER),
-//! who may read the key the message is signed with; who may call them is
-//! granted there.
+//! payload into bytes and call `_publish` as the caller: who may is
+//! granted there. Only the key is read as the extension's owner.
+
+use std::cell::RefCell;
 
 use pgrx::prelude::*;
 use wal_listener_core::filters::message_mac;
 use wal_listener_core::sql_message::{self, Refusal};
 
 use crate::gucs;
+use crate::user_switch::UserSwitch;
+
+thread_local! {
+    /// The message key, with the OID of the table it was read from: the
+    /// key is written once, by CREATE EXTENSION, so a new extension (a new
+    /// table) is the only way it changes. Saves a query per call.
+    static KEY: RefCell<Option<(pg_sys::Oid, Vec<u8>)>> = const { RefCell::new(None) };
+}
 
 #[pg_extern(volatile)]
 fn _publish(subject: Option<&str>, payload: Option<&[u8]>, headers: Option<pgrx::JsonB>) {
@@ -34,10 +43,7 @@ fn _publish(subject: Option<&str>, payload: Option<&[u8]>, headers: Option<pgrx:
     // Signed like the config messages: with the key, and bound to this
     // transaction's id (what pgoutput's BEGIN carries), so neither a
     // message written by hand nor a copy in another transaction is sent.
-    let key = Spi::get_one::<Vec<u8>>("SELECT key FROM wal_listener.message_key")
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| error!("wal_listener.message_key has no key: recreate the extension"));
+    let key = message_key();
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
     let mac = message_mac(&key, xid, &frame);
     let mut content = Vec::with_capacity(mac.len() + 1 + frame.len());
@@ -50,6 +56,36 @@ fn _publish(subject: Option<&str>, payload: Option<&[u8]>, headers: Option<pgrx:
     ) {
         error!("writing the publish() message failed: {e}");
     }
+}
+
+/// The key config and `publish()` messages are signed with, read as the
+/// extension's owner (no other role may read it) when it is not cached.
+fn message_key() -> Vec<u8> {
+    let table = unsafe {
+        let schema = pg_sys::get_namespace_oid(c"wal_listener".as_ptr(), true);
+        pg_sys::get_relname_relid(c"message_key".as_ptr(), schema)
+    };
+    if table == pg_sys::InvalidOid {
+        error!("wal_listener.message_key is missing: recreate the extension");
+    }
+    if let Some(key) =
+        KEY.with_borrow(|cached| cached.as_ref().filter(|(oid, _)| *oid == table).map(|(_, k)| k.clone()))
+    {
+        return key;
+    }
+    let owner = Spi::get_one::<pg_sys::Oid>("SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'wal_listener.message_key'::pg_catalog.regclass")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| error!("wal_listener.message_key is missing: recreate the extension"));
+    let key = {
+        let _as_owner = UserSwitch::to(owner, 0);
+        Spi::get_one::<Vec<u8>>("SELECT key FROM wal_listener.message_key")
+    }
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| error!("wal_listener.message_key has no key: recreate the extension"));
+    KEY.set(Some((table, key.clone())));
+    key
 }
 
 fn checked_frame(
