@@ -162,8 +162,9 @@ pub fn encode(
             payload.len()
         )));
     }
-    if headers.len() > u16::MAX as usize || headers.iter().any(|(_, value)| value.len() > u32::MAX as usize) {
-        return Err(Refusal::TooLarge("too many headers, or one too long".into()));
+    // A value's u32 length needs no check: max_bytes (an i32 setting) bounds it.
+    if headers.len() > u16::MAX as usize {
+        return Err(Refusal::TooLarge(format!("{} headers; at most 65535 are allowed", headers.len())));
     }
     let mut frame = Vec::with_capacity(5 + subject.len() + header_bytes + headers.len() * 2 + payload.len());
     frame.push(VERSION);
@@ -323,13 +324,27 @@ mod tests {
 
     #[test]
     fn the_size_cap_counts_payload_and_headers() {
-        let headers = vec![("ab".to_string(), "cd".to_string())];
+        // "abc: de\r\n" on the wire: 9 bytes.
+        let headers = vec![("abc".to_string(), "de".to_string())];
         let cap = 100 + ADDED_HEADER_BYTES;
-        assert!(encode("a", &headers, &[0; 92], cap).is_ok());
-        let err = encode("a", &headers, &[0; 93], cap).unwrap_err();
+        assert!(encode("a", &headers, &[0; 91], cap).is_ok());
+        let err = encode("a", &headers, &[0; 92], cap).unwrap_err();
         let size = format!("{} bytes", cap + 1);
         assert!(
             matches!(err, Refusal::TooLarge(ref m) if m.contains(&size) && m.contains("max_publish_bytes"))
+        );
+    }
+
+    #[test]
+    fn header_names_and_counts_fit_the_frame() {
+        let name = |len| json!({ "x".repeat(len): "v" });
+        assert!(parse_headers(Some(&name(65535))).is_ok());
+        assert!(matches!(parse_headers(Some(&name(65536))), Err(Refusal::Invalid(_))));
+        let many = |n| vec![("a".to_string(), String::new()); n];
+        let frame = encode("a", &many(65535), b"", usize::MAX).unwrap();
+        assert_eq!(decode(&frame).unwrap().headers.len(), 65535);
+        assert!(
+            matches!(encode("a", &many(65536), b"", usize::MAX), Err(Refusal::TooLarge(m)) if m.contains("65536 headers"))
         );
     }
 
