@@ -326,6 +326,20 @@ impl Streamer {
             {
                 self.on_published_message(&content, lsn.into()).await
             }
+            ReplicationEvent::Message { transactional: false, prefix, lsn, .. }
+                if prefix == sql_message::PREFIX =>
+            {
+                // publish() writes transactional messages only.
+                self.board.log(
+                    LogLevel::Warning,
+                    format!(
+                        "ignored a non-transactional \"{}\" message at {}: not written by wal_listener.publish()",
+                        sql_message::PREFIX,
+                        Lsn::from(lsn)
+                    ),
+                );
+                Ok(())
+            }
             ReplicationEvent::Message { transactional: true, prefix, lsn, .. }
                 if prefix == replication::DROPPED_MARKER_PREFIX && self.source.stop_at_drop =>
             {
