@@ -20,4 +20,6 @@ if [[ "$("$VENV/bin/python" -c 'import matplotlib; print(matplotlib.__version__)
     "$VENV/bin/pip" install --quiet "matplotlib==$MATPLOTLIB_VERSION"
 fi
 cargo build --release --quiet -p wal_listener_core --example nats_baseline
-exec "$VENV/bin/python" bench/bench.py
+"$VENV/bin/python" bench/bench.py
+# publish() next to an outbox insert on the write path (bench/publish_results.md).
+exec "$VENV/bin/python" bench/publish_bench.py
