@@ -58,7 +58,9 @@ impl Fallback {
             Fallback::TooManyBytes => "more bytes than wal_listener.max_in_flight_bytes",
             Fallback::EventOverMaxPayload => "an event larger than the NATS server's max_payload",
             Fallback::SeveralStreams => "events for more than one stream (a batch goes to one stream)",
-            Fallback::StreamNotAtomic => "its stream does not allow atomic batches (allow_atomic)",
+            Fallback::StreamNotAtomic => {
+                "events for a stream that does not allow atomic batches (allow_atomic)"
+            }
         }
     }
 }
