@@ -424,6 +424,9 @@ BAD_CALLS = [
     ("publish('wal_listener.a', 'x', '{\"NATS-Batch-Id\": \"b\"}')", "22023", "reserved"),
     ("publish('wal_listener.a', 'x', '{\"WL-Action\": \"INSERT\"}')", "22023", "reserved"),
     ("publish('wal_listener.a', '{}'::jsonb, '{\"wl-commit-lsn\": \"0/1\"}')", "22023", "reserved"),
+    # NATS clients take a message with these for a control message of the server.
+    ("publish('wal_listener.a', '', '{\"Status\": \"404\"}')", "22023", "reserved"),
+    ("publish('wal_listener.a', '', '{\"description\": \"x\"}')", "22023", "reserved"),
 ]
 
 
@@ -478,6 +481,12 @@ def test_only_members_of_wal_listener_publisher_may_publish(streaming, nats_serv
         e = error_of(cluster, publish_sql(f"{MSG}.alice", payload), user="alice")
         assert e.sqlstate == "42501" and "permission denied for function publish" in text(e), \
             f"{payload}: {e.sqlstate} {text(e)}"
+    # Nor the function the overloads call.
+    e = error_of(cluster, f"SELECT wal_listener._publish('{MSG}.alice', '\\x00'::bytea, NULL)", user="alice")
+    assert e.sqlstate == "42501" and "permission denied for function _publish" in text(e), text(e)
+    # publish() does not depend on PUBLIC's right to pg_logical_emit_message.
+    cluster.execute("REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea), "
+                    "pg_logical_emit_message(boolean, text, text) FROM PUBLIC")
     cluster.execute("GRANT wal_listener_publisher TO alice")
     with psycopg.connect(host=str(cluster.dir), port=cluster.port, user="alice", dbname="app", autocommit=True) as conn:
         conn.execute(publish_sql(f"{MSG}.alice", "'from alice'", '{"X-By": "alice"}'))
@@ -612,6 +621,23 @@ def test_row_events_carry_wl_headers_equal_to_their_body(streaming, nats_server)
     assert [(m.body["data"], m.header("WL-Action")) for m in reads] == [({"id": 5, "name": "e"}, "READ")]
     for m in events + [ms[-1]]:
         check_event_headers(m)
+
+
+def test_a_line_break_in_a_name_becomes_an_underscore_in_its_headers(streaming, nats_server):
+    """A header value cannot hold a line break (async-nats panicked on it, and
+    the worker stalled on that row for good); the body keeps the name."""
+    cluster = streaming
+    cluster.execute('CREATE SCHEMA "we\nird"; CREATE TABLE "we\nird"."a\r\nb" (id int PRIMARY KEY)')
+    cluster.execute('INSERT INTO "we\nird"."a\r\nb" VALUES (1)')
+    backfill = cluster.execute('SELECT wal_listener.backfill(\'"we\nird"."a\r\nb"\') AS id')[0]["id"]
+    state = "SELECT state FROM wal_listener.backfills WHERE id = %s"
+    wait_until(lambda: cluster.execute(state, (backfill,))[0]["state"] == "done", 60, "the backfill")
+    ms = commit_marker(cluster, nats_server.url, "end")
+    events = [m for m in ms if not is_marker(m)]
+    assert [(m.body["schema"], m.body["table"], m.header("WL-Schema"), m.header("WL-Table"), m.header("WL-Action"))
+            for m in events] == [("we\nird", "a\r\nb", "we_ird", "a__b", "INSERT"),
+                                 ("we\nird", "a\r\nb", "we_ird", "a__b", "READ")]
+    assert cluster.status()["state"] == "streaming"
 
 
 def test_a_message_no_stream_stores_is_held_not_skipped(make_cluster, nats_server):

@@ -28,6 +28,10 @@ pub const ADDED_HEADER_BYTES: usize = 256;
 /// everything after it, `Nats-Rollup` purges, `Nats-Msg-Id` must stay the
 /// one derived from the WAL so a replay is dropped), `WL-*` are ours.
 const RESERVED_HEADER_PREFIXES: [&str; 2] = ["nats-", "wl-"];
+/// Header names the caller may not set: NATS clients take a message with a
+/// `Status` header (and `Description`) for a control message of the server
+/// (nats.go drops an empty one, and "404" ends a fetch).
+const RESERVED_HEADER_NAMES: [&str; 2] = ["status", "description"];
 
 /// Why a call is refused; each kind has its own SQLSTATE in the extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +140,11 @@ fn check_header_name(name: &str) -> Result<(), String> {
         ));
     }
     let lower = name.to_ascii_lowercase();
+    if RESERVED_HEADER_NAMES.contains(&lower.as_str()) {
+        return Err(format!(
+            "header name \"{name}\" is reserved: NATS clients take a message with it for one of the server's"
+        ));
+    }
     if let Some(prefix) = RESERVED_HEADER_PREFIXES.iter().find(|p| lower.starts_with(*p)) {
         return Err(format!(
             "header name \"{name}\" is reserved: names starting with \"{prefix}\" (any case) are set by \
@@ -301,11 +310,19 @@ mod tests {
         assert!(invalid(json!({"é": "x"})));
         assert!(invalid(json!({"n": "a\nb"})));
         assert!(invalid(json!({"n": "a\rb"})));
-        for reserved in ["Nats-Msg-Id", "nats-expected-stream", "NATS-ROLLUP", "WL-Action", "wl-x"] {
+        for reserved in [
+            "Nats-Msg-Id",
+            "nats-expected-stream",
+            "NATS-ROLLUP",
+            "WL-Action",
+            "wl-x",
+            "Status",
+            "description",
+        ] {
             let err = parse_headers(Some(&json!({reserved: "x"}))).unwrap_err();
             assert!(err.to_string().contains("reserved"), "{reserved}");
         }
-        assert_eq!(parse_headers(Some(&json!({"Natsy": "x"}))).unwrap().len(), 1);
+        assert_eq!(parse_headers(Some(&json!({"Natsy": "x", "Status-Text": "y"}))).unwrap().len(), 2);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! frame as a transactional logical message, which the worker publishes at
 //! the transaction's commit. The SQL overloads in `api.sql` turn the
 //! payload into bytes and call `_publish` as the caller: who may is
-//! granted there. Only the key is read as the extension's owner.
+//! granted there. The key is read, and the message written, as the
+//! extension's owner (so publish() does not depend on
+//! `pg_logical_emit_message` being granted to PUBLIC).
 
 use std::cell::RefCell;
 
@@ -14,11 +16,18 @@ use wal_listener_core::sql_message::{self, Refusal};
 use crate::gucs;
 use crate::user_switch::UserSwitch;
 
+/// The message key and the role that owns it, as read from one table.
+#[derive(Clone)]
+struct Key {
+    table: pg_sys::Oid,
+    owner: pg_sys::Oid,
+    key: Vec<u8>,
+}
+
 thread_local! {
-    /// The message key, with the OID of the table it was read from: the
-    /// key is written once, by CREATE EXTENSION, so a new extension (a new
-    /// table) is the only way it changes. Saves a query per call.
-    static KEY: RefCell<Option<(pg_sys::Oid, Vec<u8>)>> = const { RefCell::new(None) };
+    /// The key is written once, by CREATE EXTENSION, so a new extension (a
+    /// new table OID) is the only way it changes. Saves two queries per call.
+    static KEY: RefCell<Option<Key>> = const { RefCell::new(None) };
 }
 
 #[pg_extern(volatile)]
@@ -43,13 +52,14 @@ fn _publish(subject: Option<&str>, payload: Option<&[u8]>, headers: Option<pgrx:
     // Signed like the config messages: with the key, and bound to this
     // transaction's id (what pgoutput's BEGIN carries), so neither a
     // message written by hand nor a copy in another transaction is sent.
-    let key = message_key();
+    let Key { owner, key, .. } = message_key();
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
     let mac = message_mac(&key, xid, &frame);
     let mut content = Vec::with_capacity(mac.len() + 1 + frame.len());
     content.extend_from_slice(mac.as_bytes());
     content.push(b' ');
     content.extend_from_slice(&frame);
+    let _as_owner = UserSwitch::to(owner, pg_sys::SECURITY_RESTRICTED_OPERATION);
     if let Err(e) = Spi::run_with_args(
         "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
         &[sql_message::PREFIX.into(), content.into()],
@@ -58,9 +68,10 @@ fn _publish(subject: Option<&str>, payload: Option<&[u8]>, headers: Option<pgrx:
     }
 }
 
-/// The key config and `publish()` messages are signed with, read as the
-/// extension's owner (no other role may read it) when it is not cached.
-fn message_key() -> Vec<u8> {
+/// The key config and `publish()` messages are signed with, and its
+/// owner; read as the owner (no other role may read the key) when the
+/// cache does not hold this table's.
+fn message_key() -> Key {
     let table = unsafe {
         let schema = pg_sys::get_namespace_oid(c"wal_listener".as_ptr(), true);
         pg_sys::get_relname_relid(c"message_key".as_ptr(), schema)
@@ -68,23 +79,26 @@ fn message_key() -> Vec<u8> {
     if table == pg_sys::InvalidOid {
         error!("wal_listener.message_key is missing: recreate the extension");
     }
-    if let Some(key) =
-        KEY.with_borrow(|cached| cached.as_ref().filter(|(oid, _)| *oid == table).map(|(_, k)| k.clone()))
-    {
+    if let Some(key) = KEY.with_borrow(|cached| cached.as_ref().filter(|k| k.table == table).cloned()) {
         return key;
     }
-    let owner = Spi::get_one::<pg_sys::Oid>("SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'wal_listener.message_key'::pg_catalog.regclass")
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| error!("wal_listener.message_key is missing: recreate the extension"));
+    // Run as the caller: qualified throughout, so no search_path of theirs steers it.
+    let owner = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
+        &[table.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| error!("wal_listener.message_key is missing: recreate the extension"));
     let key = {
-        let _as_owner = UserSwitch::to(owner, 0);
+        let _as_owner = UserSwitch::to(owner, pg_sys::SECURITY_RESTRICTED_OPERATION);
         Spi::get_one::<Vec<u8>>("SELECT key FROM wal_listener.message_key")
     }
     .ok()
     .flatten()
     .unwrap_or_else(|| error!("wal_listener.message_key has no key: recreate the extension"));
-    KEY.set(Some((table, key.clone())));
+    let key = Key { table, owner, key };
+    KEY.set(Some(key.clone()));
     key
 }
 

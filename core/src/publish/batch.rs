@@ -29,6 +29,10 @@ use crate::Lsn;
 
 /// Most messages the server takes in one atomic batch (its default, 1,000).
 pub const MAX_BATCH_MESSAGES: usize = 1000;
+/// Room for the headers a batched message gets on top of its own
+/// (`Nats-Msg-Id`, `Nats-Batch-Id`, `-Sequence`, `-Commit`: under 200
+/// bytes): `max_payload` counts headers too.
+const BATCH_HEADER_BYTES: usize = 256;
 
 /// One event held for the batch.
 #[derive(Debug)]
@@ -149,13 +153,14 @@ impl<R> TransactionBatch<R> {
         let own_events = self.held.len() - self.committed;
         let own_bytes = self.bytes - self.committed_bytes;
         let len = event.body.len();
+        let on_the_wire = len + super::headers::wire_len(&event.headers) + BATCH_HEADER_BYTES;
         let fallback = if !atomic || stream.is_none() {
             Some(Fallback::StreamNotAtomic)
         } else if own_events > 0 && self.stream.as_ref() != stream {
             Some(Fallback::SeveralStreams)
         } else if own_events + 1 > limits.max_events {
             Some(Fallback::TooManyEvents)
-        } else if len > limits.max_payload {
+        } else if on_the_wire > limits.max_payload {
             Some(Fallback::EventOverMaxPayload)
         } else if own_bytes + len >= limits.max_bytes {
             Some(Fallback::TooManyBytes)
@@ -260,7 +265,7 @@ mod tests {
         Held { route: (), id: "id".into(), headers: Default::default(), body: Bytes::from(vec![b'x'; len]) }
     }
 
-    const LIMITS: Limits = Limits { max_events: 1000, max_bytes: 1000, max_payload: 600 };
+    const LIMITS: Limits = Limits { max_events: 1000, max_bytes: 1000, max_payload: 900 };
 
     fn fallback<R>(refused: Result<(), NotHeld<R>>) -> Fallback {
         match refused {
@@ -307,10 +312,26 @@ mod tests {
     }
 
     #[test]
+    fn max_payload_counts_an_events_headers_and_the_batch_headers() {
+        let stream: Arc<str> = Arc::from("wal_listener");
+        let limits = Limits { max_events: 1000, max_bytes: 10_000, max_payload: 600 };
+        // An empty header block is 12 bytes on the wire, "Ab: c" makes it 19.
+        let body = 600 - BATCH_HEADER_BYTES - 12;
+        let mut batch = TransactionBatch::default();
+        assert!(batch.hold(held(body), 1, Some(&stream), true, limits).is_ok());
+        let mut with_headers = held(body);
+        with_headers.headers.insert("Ab", "c");
+        assert_eq!(
+            fallback(batch.hold(with_headers, 2, Some(&stream), true, limits)),
+            Fallback::EventOverMaxPayload
+        );
+    }
+
+    #[test]
     fn one_event_as_large_as_the_byte_cap_goes_alone() {
         let stream: Arc<str> = Arc::from("s");
         let mut batch = TransactionBatch::default();
-        let tight = Limits { max_events: 1000, max_bytes: 10, max_payload: 100 };
+        let tight = Limits { max_events: 1000, max_bytes: 10, max_payload: 1000 };
         assert_eq!(fallback(batch.hold(held(50), 0, Some(&stream), true, tight)), Fallback::TooManyBytes);
     }
 

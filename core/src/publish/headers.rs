@@ -21,9 +21,28 @@ pub const COMMIT_TIME: HeaderName = HeaderName::from_static("WL-Commit-Time");
 pub fn row_event(schema: &str, table: &str, action: &str, position: &Position) -> HeaderMap {
     let mut headers = commit(position.commit_lsn, position.commit_time);
     headers.insert(ACTION, action);
-    headers.insert(SCHEMA, schema);
-    headers.insert(TABLE, table);
+    headers.insert(SCHEMA, name_value(schema));
+    headers.insert(TABLE, name_value(table));
     headers
+}
+
+/// A schema or table name as a header value: a line break (which a quoted
+/// name may hold) cannot be in one, and async-nats panics on it; it
+/// becomes `_`, as in subjects. The body keeps the name as it is.
+fn name_value(name: &str) -> String {
+    name.replace(['\r', '\n'], "_")
+}
+
+/// Bytes `headers` take in a message (`NATS/1.0` line, `name: value` lines,
+/// blank line): NATS' `max_payload` counts them with the body.
+pub fn wire_len(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            values.iter().map(|v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4).sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n".len() + lines + 2
 }
 
 /// An END event's headers.
@@ -73,6 +92,24 @@ mod tests {
         assert_eq!(headers.get(COMMIT_TIME).unwrap().as_str(), "2000-01-01T00:00:00.000000Z");
         assert_eq!(end_event(&position).get(ACTION).unwrap().as_str(), "END");
         assert!(end_event(&position).get(TABLE).is_none());
+    }
+
+    #[test]
+    fn a_line_break_in_a_name_becomes_an_underscore_not_a_panic() {
+        let position = Position { commit_lsn: Lsn(1), commit_time: 0, xid: 7, ordinal: 0 };
+        let headers = row_event("we\rird", "a\nb", "INSERT", &position);
+        assert_eq!(headers.get(SCHEMA).unwrap().as_str(), "we_ird");
+        assert_eq!(headers.get(TABLE).unwrap().as_str(), "a_b");
+    }
+
+    #[test]
+    fn wire_len_counts_every_line_of_the_header_block() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(wire_len(&headers), 12);
+        headers.insert("Ab", "cd");
+        headers.append("Ab", "e");
+        // "NATS/1.0\r\n" + "Ab: cd\r\n" + "Ab: e\r\n" + "\r\n"
+        assert_eq!(wire_len(&headers), 10 + 8 + 7 + 2);
     }
 
     #[test]
