@@ -485,8 +485,10 @@ def test_only_members_of_wal_listener_publisher_may_publish(streaming, nats_serv
     e = error_of(cluster, f"SELECT wal_listener._publish('{MSG}.alice', '\\x00'::bytea, NULL)", user="alice")
     assert e.sqlstate == "42501" and "permission denied for function _publish" in text(e), text(e)
     # publish() does not depend on PUBLIC's right to pg_logical_emit_message.
-    cluster.execute("REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, bytea), "
-                    "pg_logical_emit_message(boolean, text, text) FROM PUBLIC")
+    # (Each signature: PostgreSQL 17 added a fourth argument.)
+    cluster.execute("DO $$ DECLARE f regprocedure; BEGIN "
+                    "FOR f IN SELECT oid::regprocedure FROM pg_proc WHERE proname = 'pg_logical_emit_message' LOOP "
+                    "EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f); END LOOP; END $$")
     cluster.execute("GRANT wal_listener_publisher TO alice")
     with psycopg.connect(host=str(cluster.dir), port=cluster.port, user="alice", dbname="app", autocommit=True) as conn:
         conn.execute(publish_sql(f"{MSG}.alice", "'from alice'", '{"X-By": "alice"}'))

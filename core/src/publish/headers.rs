@@ -5,6 +5,9 @@
 
 use async_nats::header::{HeaderMap, HeaderName};
 
+use async_nats::header::HeaderValue;
+
+use super::BatchPlace;
 use crate::event::time::write_rfc3339_utc;
 use crate::event::Position;
 use crate::Lsn;
@@ -63,9 +66,20 @@ pub fn published_message(
     let mut headers = commit(commit_lsn, commit_time);
     for (name, value) in given {
         let name: HeaderName = name.parse().map_err(|e| format!("header name {name:?}: {e}"))?;
-        headers.append(name, *value);
+        let value: HeaderValue = value.parse().map_err(|e| format!("header {name}: {e}"))?;
+        headers.append(name, value);
     }
     Ok(headers)
+}
+
+/// The headers of a message in an atomic batch (ADR-50), added to its own.
+pub fn add_batch(headers: &mut HeaderMap, message_id: &str, place: &BatchPlace<'_>) {
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
+    headers.insert("Nats-Batch-Id", place.id);
+    headers.insert("Nats-Batch-Sequence", place.number.to_string().as_str());
+    if place.commit_sequence.is_some() {
+        headers.insert("Nats-Batch-Commit", "1");
+    }
 }
 
 fn commit(commit_lsn: Lsn, commit_time: i64) -> HeaderMap {
@@ -100,6 +114,28 @@ mod tests {
         let headers = row_event("we\rird", "a\nb", "INSERT", &position);
         assert_eq!(headers.get(SCHEMA).unwrap().as_str(), "we_ird");
         assert_eq!(headers.get(TABLE).unwrap().as_str(), "a_b");
+    }
+
+    /// The room `publish()` and `hold` leave for headers covers the
+    /// largest the worker adds: commit headers at the largest LSN, a
+    /// committing batch message at the largest batch id and sequence.
+    #[test]
+    fn the_room_left_for_headers_holds_the_largest_the_worker_adds() {
+        let place = BatchPlace {
+            id: &crate::publish::batch::batch_id(u64::MAX, Lsn(u64::MAX)),
+            number: crate::publish::batch::MAX_BATCH_MESSAGES,
+            commit_sequence: Some(u64::MAX),
+        };
+        let id = "00000000-0000-0000-0000-000000000000";
+        let own = published_message(&[], Lsn(u64::MAX), i64::MAX / 2).unwrap();
+        let mut batched = own.clone();
+        add_batch(&mut batched, id, &place);
+        assert!(wire_len(&batched) <= crate::sql_message::ADDED_HEADER_BYTES, "{}", wire_len(&batched));
+        assert!(
+            wire_len(&batched) - wire_len(&own) <= crate::publish::batch::BATCH_HEADER_BYTES,
+            "{}",
+            wire_len(&batched) - wire_len(&own)
+        );
     }
 
     #[test]

@@ -182,12 +182,9 @@ impl Publisher {
         payload: Bytes,
         place: BatchPlace<'_>,
     ) -> Result<(), Error> {
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
-        headers.insert("Nats-Batch-Id", place.id);
-        headers.insert("Nats-Batch-Sequence", place.number.to_string().as_str());
+        headers::add_batch(&mut headers, message_id, &place);
         let published = match place.commit_sequence {
             Some(sequence) => {
-                headers.insert("Nats-Batch-Commit", "1");
                 let reply = Subject::from(format!("{}{sequence}", self.reply_prefix));
                 self.client.publish_with_reply_and_headers(subject.clone(), reply, headers, payload).await
             }
