@@ -462,7 +462,9 @@ impl Streamer {
         let body = message.payload.to_vec();
         let mut id_buf = [0u8; 36];
         let id = self.ids.id_text(lsn, MESSAGE_ORDINAL, &mut id_buf).to_owned();
-        let what = Some(format!("the publish() message at {lsn} to {}", route.subject));
+        // Named now, in case it is too large (as a row is in on_change).
+        let what = (body.len() + 1024 > self.batch_limits.max_payload)
+            .then(|| format!("the publish() message at {lsn} to {}", route.subject));
         self.publish_one(route, id, headers, body, what, begin.final_lsn).await
     }
 
