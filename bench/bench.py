@@ -79,21 +79,26 @@ END $$;
 """
 
 
+def bench_cluster() -> tuple[Postgres, Nats, int]:
+    """A started Postgres with database `app` (checkpoints kept out of the
+    timed parts), and nats-server on the port it publishes to."""
+    nats_port = free_port()
+    pg = Postgres(
+        PG_VERSION,
+        {
+            "wal_listener.nats_url": f"'nats://127.0.0.1:{nats_port}'",
+            "max_wal_size": "'20GB'",
+            "checkpoint_timeout": "'1h'",
+        },
+    )
+    pg.start()
+    pg.execute("CREATE DATABASE app", dbname="postgres")
+    return pg, Nats(port=nats_port), nats_port
+
+
 class Bench:
     def __init__(self):
-        self.nats_port = free_port()
-        self.pg = Postgres(
-            PG_VERSION,
-            {
-                "wal_listener.nats_url": f"'nats://127.0.0.1:{self.nats_port}'",
-                # Keep checkpoints out of the timed parts.
-                "max_wal_size": "'20GB'",
-                "checkpoint_timeout": "'1h'",
-            },
-        )
-        self.pg.start()
-        self.pg.execute("CREATE DATABASE app", dbname="postgres")
-        self.nats = Nats(port=self.nats_port)
+        self.pg, self.nats, self.nats_port = bench_cluster()
         # Rows from before the extension: only a backfill publishes them.
         self.backfill_rows = scaled(500_000)
         self.pg.execute(f"CREATE TABLE bench_backfill {NARROW_TABLE}")

@@ -21,9 +21,6 @@ transactions; WL_BENCH_ONLY (default a,b,c) the workloads to run, e.g. a,b.
 import asyncio
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -35,7 +32,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import nats  # noqa: E402
 import psycopg  # noqa: E402
 
-from harness import Nats, Postgres, free_port, wait_until  # noqa: E402
+from bench import bench_cluster, cpu_seconds, machine  # noqa: E402
+from harness import Postgres, wait_until  # noqa: E402
 
 SCALE = float(os.environ.get("WL_BENCH_SCALE", "1"))
 PG_VERSION = os.environ.get("WAL_LISTENER_PG", "15")
@@ -77,12 +75,6 @@ def payload(client: int, i: int) -> str:
                   {"sku": f"SKU-{order % 991:05d}", "qty": 1, "price": "4.50"}],
         "ship_to": "DE-10115",
     })
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _subject_counts(url: str) -> tuple[dict, int, int]:
@@ -154,19 +146,8 @@ class Client(threading.Thread):
 
 class PublishBench:
     def __init__(self):
-        self.nats_port = free_port()
-        self.pg = Postgres(
-            PG_VERSION,
-            {
-                "wal_listener.nats_url": f"'nats://127.0.0.1:{self.nats_port}'",
-                # Keep checkpoints out of the timed parts (one CHECKPOINT before each).
-                "max_wal_size": "'20GB'",
-                "checkpoint_timeout": "'1h'",
-            },
-        )
-        self.pg.start()
-        self.pg.execute("CREATE DATABASE app", dbname="postgres")
-        self.nats = Nats(port=self.nats_port)
+        # Checkpoints are kept out of the timed parts (and one runs before each).
+        self.pg, self.nats, self.nats_port = bench_cluster()
         self.pg.execute(SETUP_SQL)
         self.pg.execute("CREATE EXTENSION wal_listener")
         self.pg.wait_for_state("streaming", 60)
@@ -326,15 +307,6 @@ def _is_json(data: bytes) -> bool:
         return True
     except ValueError:
         return False
-
-
-def machine() -> str:
-    cpu = re.search(r"model name\s*: (.*)", Path("/proc/cpuinfo").read_text())
-    mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-    nats_version = subprocess.run([str(Path(sys.executable).parent / "nats-server"), "--version"],
-                                  capture_output=True, text=True).stdout.strip()
-    return (f"{cpu.group(1) if cpu else platform.processor()}, {os.cpu_count()} cores, {mem_kib / 2**20:.0f} GiB RAM, "
-            f"Linux {platform.release()}, PostgreSQL {PG_VERSION}, {nats_version}")
 
 
 def report(results: dict) -> str:
