@@ -153,6 +153,13 @@ def error_of(cluster, sql: str, user: str = "postgres") -> psycopg.Error:
     return raised.value
 
 
+def backfill_whole(cluster, table: str):
+    """Backfills `table` and waits until the job is done."""
+    backfill = cluster.execute("SELECT wal_listener.backfill(%s) AS id", (table,))[0]["id"]
+    state = "SELECT state FROM wal_listener.backfills WHERE id = %s"
+    wait_until(lambda: cluster.execute(state, (backfill,))[0]["state"] == "done", 60, "the backfill")
+
+
 def check_event_headers(e: Stored):
     """The WL-* headers of a row or END event equal its body."""
     body = e.body
@@ -608,9 +615,7 @@ def test_row_events_carry_wl_headers_equal_to_their_body(streaming, nats_server)
     cluster.execute("INSERT INTO t VALUES (1)")
     cluster.execute("TRUNCATE shop.items, t")
     cluster.execute("INSERT INTO shop.items VALUES (5, 'e')")
-    backfill = cluster.execute("SELECT wal_listener.backfill('shop.items') AS id")[0]["id"]
-    state = "SELECT state FROM wal_listener.backfills WHERE id = %s"
-    wait_until(lambda: cluster.execute(state, (backfill,))[0]["state"] == "done", 60, "the backfill")
+    backfill_whole(cluster, "shop.items")
     ms = commit_marker(cluster, nats_server.url, "end")
     events = [m for m in ms if not is_marker(m)]
     summary = [(m.header("WL-Action"), m.header("WL-Schema"), m.header("WL-Table")) for m in events]
@@ -631,9 +636,7 @@ def test_a_line_break_in_a_name_becomes_an_underscore_in_its_headers(streaming, 
     cluster = streaming
     cluster.execute('CREATE SCHEMA "we\nird"; CREATE TABLE "we\nird"."a\r\nb" (id int PRIMARY KEY)')
     cluster.execute('INSERT INTO "we\nird"."a\r\nb" VALUES (1)')
-    backfill = cluster.execute('SELECT wal_listener.backfill(\'"we\nird"."a\r\nb"\') AS id')[0]["id"]
-    state = "SELECT state FROM wal_listener.backfills WHERE id = %s"
-    wait_until(lambda: cluster.execute(state, (backfill,))[0]["state"] == "done", 60, "the backfill")
+    backfill_whole(cluster, '"we\nird"."a\r\nb"')
     ms = commit_marker(cluster, nats_server.url, "end")
     events = [m for m in ms if not is_marker(m)]
     assert [(m.body["schema"], m.body["table"], m.header("WL-Schema"), m.header("WL-Table"), m.header("WL-Action"))
