@@ -8,9 +8,9 @@ use std::ffi::{CStr, CString};
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
+use wal_listener_core::replication::connection::TEXT_SETTINGS;
 
 use crate::user_switch::UserSwitch;
-use wal_listener_core::replication::connection::TEXT_SETTINGS;
 
 /// Enqueues a backfill of `tbl` (see `_enqueue_backfill` in api.sql) to be
 /// read with the privileges of the role calling this function: the current

@@ -437,11 +437,7 @@ impl Streamer {
             return Ok(());
         }
         let begin = transaction.begin;
-        if self.message_key.is_none() {
-            self.message_key = Some(config_store::message_key(&self.source).await?);
-        }
-        let key = self.message_key.as_deref().unwrap_or_default();
-        let Some(frame) = crate::filters::verified_payload(key, begin.xid, content) else {
+        let Some(frame) = self.verified(begin.xid, content).await? else {
             // Only publish() signs: anyone may call pg_logical_emit_message.
             self.board.log(
                 LogLevel::Warning,
@@ -462,8 +458,8 @@ impl Streamer {
         let body = message.payload.to_vec();
         let mut id_buf = [0u8; 36];
         let id = self.ids.id_text(lsn, MESSAGE_ORDINAL, &mut id_buf).to_owned();
-        // Named now, in case it is too large (as a row is in on_change).
-        let what = (body.len() + 1024 > self.batch_limits.max_payload)
+        let what = self
+            .may_be_too_large(body.len())
             .then(|| format!("the publish() message at {lsn} to {}", route.subject));
         self.publish_one(route, id, headers, body, what, begin.final_lsn).await
     }
@@ -497,6 +493,17 @@ impl Streamer {
         Ok(route)
     }
 
+    /// The payload of a message the extension signed (its config triggers,
+    /// publish()) in transaction `xid`; `None` for one anyone else wrote.
+    /// The key is read at the first use.
+    async fn verified<'c>(&mut self, xid: u32, content: &'c [u8]) -> Result<Option<&'c [u8]>, Error> {
+        if self.message_key.is_none() {
+            self.message_key = Some(config_store::message_key(&self.source).await?);
+        }
+        let key = self.message_key.as_deref().unwrap_or_default();
+        Ok(crate::filters::verified_payload(key, xid, content))
+    }
+
     /// The filter change a transaction's config messages describe, taking
     /// only those the extension's triggers signed: any role may write a
     /// message with our prefix, and one did replace every filter.
@@ -506,14 +513,10 @@ impl Streamer {
         xid: u32,
         commit_lsn: Lsn,
     ) -> Result<Option<FilterChange>, Error> {
-        if self.message_key.is_none() {
-            self.message_key = Some(config_store::message_key(&self.source).await?);
-        }
-        let key = self.message_key.as_deref().unwrap_or_default();
         let mut change = FilterChange::default();
         let mut forged = 0;
         for content in messages {
-            match crate::filters::verified_payload(key, xid, content) {
+            match self.verified(xid, content).await? {
                 Some(payload) => change.add_message(payload).map_err(|e| {
                     Error::Setup(format!(
                         "{e}; the extension's tables or triggers were altered, recreate the extension"
@@ -712,9 +715,15 @@ impl Streamer {
             subject_override,
         );
         // The row is named now, while it is at hand, in case it is too large.
-        let row = (body.len() + 1024 > self.batch_limits.max_payload).then(|| describe_row(&change));
+        let row = self.may_be_too_large(body.len()).then(|| describe_row(&change));
         let id = id.to_owned();
         self.publish_one(route, id, headers, body, row, position.commit_lsn).await
+    }
+
+    /// Whether an event body of `len` bytes may, with its headers, exceed the
+    /// NATS server's `max_payload`: then it is named for the error now.
+    fn may_be_too_large(&self, len: usize) -> bool {
+        len + 1024 > self.batch_limits.max_payload
     }
 
     /// Publishes an event of the current transaction (held for its batch in
