@@ -528,6 +528,12 @@ fn build_runtime() -> tokio::runtime::Runtime {
         .on_thread_start(|| {
             block_async_signals();
         })
+        // Take what arrives meanwhile in one wake-up (see park_linger).
+        .on_thread_park(|| {
+            if let Some(linger) = pipeline::PARK_LINGER.before_park() {
+                std::thread::sleep(linger);
+            }
+        })
         .enable_all()
         .build();
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::config::SourceConfig;
+use crate::pipeline::PARK_LINGER;
 use crate::replication::connection::{is_transient, sqlstate, Sql};
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;
@@ -163,6 +164,8 @@ impl Task {
                 tokio::time::sleep(POLL).await;
                 continue;
             };
+            // Each chunk is a few SQL round trips: none may wait out a linger.
+            let _no_linger = PARK_LINGER.hold();
             store::start(&mut sql, &mut job).await?;
             self.board.log(LogLevel::Info, format!("backfill {} of {} started", job.id, job.table_name));
             match self.run_job(&mut sql, &mut job, publication, done).await? {

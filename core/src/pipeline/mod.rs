@@ -4,6 +4,8 @@
 
 mod before_extension;
 pub use before_extension::extension_exists;
+pub mod park_linger;
+pub use park_linger::PARK_LINGER;
 mod read_ahead;
 mod streamer;
 

@@ -26,6 +26,7 @@ use crate::event::{
 };
 use crate::filters::{Decision, FilterChange, Filters};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
+use crate::pipeline::PARK_LINGER;
 use crate::publish::batch::{Held, Limits, TransactionBatch};
 use crate::publish::headers;
 use crate::publish::streams::default_subject_probe;
@@ -288,6 +289,7 @@ impl Streamer {
     }
 
     async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
+        PARK_LINGER.took_message();
         if self.confirm_hold.is_holding() {
             let reached = match &event {
                 ReplicationEvent::Begin { final_lsn, .. } => Some(*final_lsn),
