@@ -30,6 +30,8 @@ from harness import Nats, PeakMemory, Postgres, _as_postgres_user, free_port, st
 
 SCALE = float(os.environ.get("WL_BENCH_SCALE", "1"))
 RUN_CRITERION = os.environ.get("WL_BENCH_CRITERION", "1") != "0"
+# The write path's baseline that every WAL-based tool pays (issue 23).
+FLOOR = "pg_recvlogical (floor)"
 PG_VERSION = "15"
 STREAM = "wal_listener"
 BASELINE = REPO / "target" / "release" / "examples" / "nats_baseline"
@@ -317,6 +319,23 @@ class Bench:
         self.pg.restart()
         for fsync in ("off", "on"):
             measure("no CDC", fsync)
+        # The floor of any pgoutput consumer: pg_recvlogical writing the same
+        # publication's stream to /dev/null, with its walsender, same load.
+        self.pg.execute("SELECT pg_create_logical_replication_slot('bench_floor', 'pgoutput')")
+        floor = subprocess.Popen(
+            [str(self.pg.bindir / "pg_recvlogical"), "-h", str(self.pg.dir), "-p", str(self.pg.port), "-U", "postgres",
+             "-d", "app", "--slot", "bench_floor", "--start", "-o", "proto_version=1",
+             "-o", "publication_names=wal_listener", "-s", "1", "-F", "0", "-f", "/dev/null"], **_as_postgres_user())
+        try:
+            for fsync in ("off", "on"):
+                measure(FLOOR, fsync, floor)
+        finally:
+            floor.kill()
+            floor.wait()
+        wait_until(lambda: self.pg.execute(
+            "SELECT NOT active AS idle FROM pg_replication_slots WHERE slot_name = 'bench_floor'")[0]["idle"],
+            30, "pg_recvlogical's walsender to end")
+        self.pg.execute("SELECT pg_drop_replication_slot('bench_floor')")
         self.pg.execute("""
             CREATE TABLE bench_outbox (id bigserial PRIMARY KEY, payload json, created timestamptz DEFAULT now());
             CREATE FUNCTION bench_outbox_write() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -339,6 +358,11 @@ class Bench:
         """Waits until the CDC of `config` has published everything written."""
         if config.startswith("wal_listener"):
             self.settle_slot(restart_lsn=False)
+        elif config == FLOOR:
+            lsn = self.pg.execute("SELECT pg_current_wal_lsn()::text AS lsn")[0]["lsn"]
+            wait_until(lambda: self.pg.execute(
+                "SELECT confirmed_flush_lsn >= %s::pg_lsn AS ok FROM pg_replication_slots "
+                "WHERE slot_name = 'bench_floor'", (lsn,))[0]["ok"], 120, "pg_recvlogical to confirm everything", 0.1)
         elif config.startswith("outbox"):
             wait_until(lambda: self.pg.execute("SELECT count(*) AS n FROM bench_outbox")[0]["n"] == 0, 600,
                        "the relay to empty the outbox", 0.1)
@@ -353,7 +377,8 @@ class Bench:
         parts = {}
         worker = self.pg.worker_pid()
         walsender = self.pg.execute(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'wal_listener'")
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name IN ('wal_listener', 'bench_floor') "
+            "AND active_pid IS NOT NULL")
         walsender = walsender[0]["active_pid"] if walsender else None
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True)
         for pid in (int(p) for p in children.stdout.split()):
@@ -520,13 +545,17 @@ def report(results: dict) -> str:
                       f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, max {during['max_ms']:.1f} ms."]
     if "write_path" in results:
         lines += ["", "| write path: 4 pgbench clients, single-row inserts | fsync | highest TPS | DB-host CPU µs/event "
-                  "over no CDC (at 2,000 tx/s) | of which worker / walsender | relay process µs/event |",
+                  "over no CDC (at 2,000 tx/s) | of which worker / walsender | relay or pg_recvlogical µs/event |",
                   "|---|---|--:|--:|--:|--:|"]
         for key, row in results["write_path"].items():
             config, fsync = key.rsplit(", fsync ", 1)
-            parts = f"{row['worker_us']:.1f} / {row['walsender_us']:.1f}" if config.startswith("wal_listener") else "-"
+            worker = f"{row['worker_us']:.1f}" if config.startswith("wal_listener") else "-"
+            walsender = f"{row['walsender_us']:.1f}" if config.startswith("wal_listener") or config == FLOOR else "-"
             relay = f"{row['relay_us']:.1f}" if row.get("relay_us") is not None else "-"
-            lines.append(f"| {config} | {fsync} | {row['tps']:,.0f} | {row['extra_db_us']:.1f} | {parts} | {relay} |")
+            lines.append(f"| {config} | {fsync} | {row['tps']:,.0f} | {row['extra_db_us']:.1f} | {worker} / {walsender} "
+                         f"| {relay} |")
+        lines += [""] + [f"Worker + walsender against the floor (pg_recvlogical + its walsender), {text}."
+                         for text in floor_ratios(results["write_path"])]
     if crit:
         lines += ["", "| Criterion decode + encode | columns | pgoutput B | JSON B | ns/event | allocations/event |",
                   "|---|--:|--:|--:|--:|--:|"]
@@ -534,6 +563,26 @@ def report(results: dict) -> str:
             lines.append(f"| {name} | {c['columns']} | {c['pgoutput_bytes']:,} | {c['json_bytes']:,} "
                          f"| {c['ns']:,.0f} | {c['allocs']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def floor_ratios(write_path: dict) -> list[str]:
+    """Issue 23's steady-rate target: ours ≤ 1.2 × the floor's CPU per event."""
+    texts = []
+    for key, row in write_path.items():
+        config, fsync = key.rsplit(", fsync ", 1)
+        floor = write_path.get(f"{FLOOR}, fsync {fsync}")
+        if config.startswith("wal_listener") and floor:
+            ours, base = row["worker_us"] + row["walsender_us"], floor["walsender_us"] + floor["relay_us"]
+            texts.append(f"{config[len('wal_listener '):].strip('()')} mode, fsync {fsync}: "
+                         f"{ours:.1f} ÷ {base:.1f} µs/event = {ours / base:.2f}")
+    return texts
+
+
+def write_path_parts(row: dict, config: str) -> dict:
+    """A write-path row's DB-host CPU per event split by who pays it."""
+    own = row["worker_us"] + row["walsender_us"]
+    return {"backends": max(row["extra_db_us"] - own, 0.0), "walsender": row["walsender_us"],
+            "worker": row["worker_us"], "relay or pg_recvlogical": row["relay_us"] or 0.0}
 
 
 def chart(results: dict, path: Path):
@@ -563,10 +612,16 @@ def chart(results: dict, path: Path):
     if panels == 2:
         ax = axes[0][1]
         rows = [(k.replace("wal_listener (", "wal_listener\n").replace("), fsync", "\nfsync")
-                 .replace(" + relay, fsync", " + relay\nfsync"), v["extra_db_us"])
-                for k, v in results["write_path"].items() if not k.startswith("no CDC")]
-        ax.bar([k for k, _ in rows], [v for _, v in rows], color=["C0", "C0", "C1", "C1", "C3", "C3"][: len(rows)])
-        ax.set_ylabel("DB-host CPU µs per event over no CDC")
+                 .replace(" (floor), fsync", "\n(floor)\nfsync").replace(" + relay, fsync", " + relay\nfsync"),
+                 write_path_parts(v, k)) for k, v in results["write_path"].items() if not k.startswith("no CDC")]
+        labels = [k for k, _ in rows]
+        bottom = [0.0] * len(rows)
+        for i, part in enumerate(("backends", "walsender", "worker", "relay or pg_recvlogical")):
+            heights = [parts[part] for _, parts in rows]
+            ax.bar(labels, heights, bottom=bottom, label=part, color=f"C{i}")
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.legend(fontsize=8)
+        ax.set_ylabel("CPU µs per event over no CDC")
         ax.set_title("What the write path pays (2,000 tx/s)")
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
