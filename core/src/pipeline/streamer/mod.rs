@@ -289,7 +289,11 @@ impl Streamer {
     }
 
     async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
-        PARK_LINGER.took_message();
+        PARK_LINGER.took(match &event {
+            ReplicationEvent::XLogData { data, .. } => data.len(),
+            ReplicationEvent::Message { content, .. } => content.len(),
+            _ => 32, // BEGIN, COMMIT, keepalive: a few dozen bytes on the wire
+        });
         if self.confirm_hold.is_holding() {
             let reached = match &event {
                 ReplicationEvent::Begin { final_lsn, .. } => Some(*final_lsn),
