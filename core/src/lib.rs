@@ -16,6 +16,7 @@ pub mod event;
 pub mod failpoints;
 pub mod filters;
 mod lsn;
+pub mod park_linger;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod publish;

@@ -530,7 +530,7 @@ fn build_runtime() -> tokio::runtime::Runtime {
         })
         // Take what arrives meanwhile in one wake-up (see park_linger).
         .on_thread_park(|| {
-            if let Some(linger) = pipeline::PARK_LINGER.before_park() {
+            if let Some(linger) = wal_listener_core::park_linger::PARK_LINGER.before_park() {
                 std::thread::sleep(linger);
             }
         })

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::config::SourceConfig;
-use crate::pipeline::PARK_LINGER;
+use crate::park_linger::PARK_LINGER;
 use crate::replication::connection::{is_transient, sqlstate, Sql};
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;

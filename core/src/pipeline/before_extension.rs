@@ -11,6 +11,7 @@ use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
 use crate::ack_tracker::AckTracker;
 use crate::config::SourceConfig;
+use crate::park_linger::PARK_LINGER;
 use crate::pgoutput::{self, Message};
 use crate::replication::connection::Sql;
 use crate::replication::{CONFIG_MESSAGE_PREFIX, CREATED_MARKER_PREFIX, EXTENSION_SCHEMA};
@@ -56,7 +57,10 @@ pub async fn skip_until_created(
     let mut publishes_something = false;
     loop {
         let event = match client.recv().await {
-            Ok(Some(event)) => event,
+            Ok(Some(event)) => {
+                PARK_LINGER.took_event(&event);
+                event
+            }
             Ok(None) => return Err(Error::Replication("the server ended the replication stream".into())),
             Err(e) => return Err(Error::Replication(format!("replication stream broke: {e}"))),
         };

@@ -4,8 +4,6 @@
 
 mod before_extension;
 pub use before_extension::extension_exists;
-pub mod park_linger;
-pub use park_linger::PARK_LINGER;
 mod read_ahead;
 mod streamer;
 
@@ -16,6 +14,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::backfill;
 use crate::config::{redact_url, PipelineConfig};
+use crate::park_linger::PARK_LINGER;
 use crate::publish::Publisher;
 use crate::replication::{self, Capture, OpenError};
 use crate::slot_watch;
@@ -146,6 +145,8 @@ async fn config_changed(config: &mut watch::Receiver<PipelineConfig>) {
 /// One session: connect, stream until something fails. Returns `Ok` when
 /// a new session should start at once (the extension was created).
 async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), OpenError> {
+    // Session start is round trips (SQL, NATS): no linger until it streams.
+    let starting = PARK_LINGER.hold();
     let session = replication::open(&cfg.source).await?;
     let cfg = PipelineConfig { source: session.source.clone(), ..cfg };
     board.set_warnings(WarningSource::Postgres, session.warnings.clone());
@@ -159,6 +160,7 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
                  every change committed from CREATE EXTENSION on will be published",
                 cfg.source.database, cfg.source.slot
             ));
+            drop(starting);
             return before_extension::skip_until_created(
                 session.client,
                 session.start_lsn,
@@ -209,6 +211,7 @@ async fn run_once(cfg: PipelineConfig, board: Arc<StatusBoard>) -> Result<(), Op
                 backfill,
                 token: session_token(),
             };
+            drop(starting);
             Streamer::new(start, publisher, &cfg, board.clone()).run().await
         }
     };

@@ -8,6 +8,7 @@ use std::time::Duration;
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig};
 
 use crate::config::SourceConfig;
+use crate::park_linger::PARK_LINGER;
 use crate::Error;
 
 /// The settings that shape a value's text (DESIGN.md section 3): pinned in
@@ -81,6 +82,7 @@ impl Sql {
     }
 
     async fn connect(cfg: &SourceConfig, publications: Vec<String>, name: &str) -> Result<Sql, Error> {
+        let _no_linger = PARK_LINGER.hold(); // round trips, as in every query below
         let repl_cfg = ReplicationConfig::unix(
             cfg.socket_dir.clone(),
             cfg.port,
@@ -114,6 +116,7 @@ impl Sql {
     }
 
     pub async fn identify_system(&mut self) -> Result<u64, Error> {
+        let _no_linger = PARK_LINGER.hold();
         let system = self
             .client
             .identify_system()
@@ -125,6 +128,7 @@ impl Sql {
     }
 
     pub async fn rows(&mut self, query: &str) -> Result<Vec<Vec<Option<String>>>, Error> {
+        let _no_linger = PARK_LINGER.hold();
         let rows = match tokio::time::timeout(QUERY_TIMEOUT, self.client.simple_query(query)).await {
             Ok(result) => result.map_err(|e| Error::Replication(format!("query {query:?} failed: {e}")))?,
             Err(_) => {
@@ -143,6 +147,7 @@ impl Sql {
     }
 
     pub async fn execute(&mut self, statement: &str) -> Result<(), Error> {
+        let _no_linger = PARK_LINGER.hold();
         match tokio::time::timeout(QUERY_TIMEOUT, self.client.simple_query(statement)).await {
             Ok(result) => result.map(drop).map_err(|e| Error::Setup(format!("{statement:?} failed: {e}"))),
             Err(_) => Err(Error::Setup(format!("{statement:?} got no answer in {QUERY_TIMEOUT:?}"))),

@@ -25,8 +25,8 @@ use crate::event::{
     RowChange, TypeCatalog, ValueKind, END_ORDINAL,
 };
 use crate::filters::{Decision, FilterChange, Filters};
+use crate::park_linger::{LingerHold, PARK_LINGER};
 use crate::pgoutput::{self, Begin, Message, OldTuple, Relation, RelationCache, TupleData};
-use crate::pipeline::PARK_LINGER;
 use crate::publish::batch::{Held, Limits, TransactionBatch};
 use crate::publish::headers;
 use crate::publish::streams::default_subject_probe;
@@ -129,6 +129,8 @@ pub struct Streamer {
     batch_limits: Limits,
     /// The first and last sequence of each atomic batch sent and not yet acked.
     batches_in_flight: VecDeque<(u64, u64)>,
+    /// Held while the in-flight caps are reached (see park_linger).
+    at_caps: Option<LingerHold>,
     /// A batch of this session was stored: what follows was never sent before.
     batch_stored: bool,
     token: u64,
@@ -186,6 +188,7 @@ impl Streamer {
                 batch_limits_payload,
             ),
             batches_in_flight: VecDeque::new(),
+            at_caps: None,
             batch_stored: false,
             token: start.token,
             published_through: Lsn(0),
@@ -213,6 +216,11 @@ impl Streamer {
                     return e;
                 }
             }
+            // Waiting for PubAcks to make room, not for the walsender: a
+            // linger would add its sleep to each round trip.
+            if self.below_caps() == self.at_caps.is_some() {
+                self.at_caps = (!self.below_caps()).then(|| PARK_LINGER.hold());
+            }
             let step = tokio::select! {
                 biased;
                 // Read also when nothing is unacked: a reply that trails its PubAck is noticed.
@@ -221,12 +229,14 @@ impl Streamer {
                 }
                 _ = ack_check.tick() => self.check_acks_in_time(),
                 received = self.client.recv(), if self.read_ahead.has_room() => match received {
-                    Ok(Some(event)) if self.below_caps() && self.read_ahead.is_empty() => {
-                        self.on_replication_event(event).await
-                    }
                     Ok(Some(event)) => {
-                        self.read_ahead.push(event);
-                        Ok(())
+                        PARK_LINGER.took_event(&event);
+                        if self.below_caps() && self.read_ahead.is_empty() {
+                            self.on_replication_event(event).await
+                        } else {
+                            self.read_ahead.push(event);
+                            Ok(())
+                        }
                     }
                     Ok(None) => Err(Error::Replication("the server ended the replication stream".into())),
                     Err(e) => Err(Error::Replication(format!("replication stream broke: {e}"))),
@@ -289,11 +299,6 @@ impl Streamer {
     }
 
     async fn on_replication_event(&mut self, event: ReplicationEvent) -> Result<(), Error> {
-        PARK_LINGER.took(match &event {
-            ReplicationEvent::XLogData { data, .. } => data.len(),
-            ReplicationEvent::Message { content, .. } => content.len(),
-            _ => 32, // BEGIN, COMMIT, keepalive: a few dozen bytes on the wire
-        });
         if self.confirm_hold.is_holding() {
             let reached = match &event {
                 ReplicationEvent::Begin { final_lsn, .. } => Some(*final_lsn),
@@ -602,6 +607,7 @@ impl Streamer {
     /// worker publishes to (the default subjects and each filter's) that no
     /// stream stores, and the streams' replicas and duplicate windows.
     async fn audit_streams(&mut self, refresh: bool) -> Result<(), Error> {
+        let _no_linger = PARK_LINGER.hold(); // NATS round trips
         if refresh {
             self.publisher.refresh_streams().await?;
         }

@@ -15,14 +15,18 @@
 //!   reasons (NATS not yet writable, PubAcks awaited) after wake-ups that
 //!   took little: a rule on one wake-up's work lingered there and cut
 //!   wide-row throughput from 62,000 to 20,000 events/s;
-//! - never while someone holds a [`LingerHold`]: the backfill task, whose
-//!   SQL round trips would each wait out the sleep;
+//! - never while someone holds a [`LingerHold`]: whoever waits on a round
+//!   trip rather than on the walsender (a backfill job, a SQL query, the
+//!   session start, the stream audit, the streamer at its in-flight caps
+//!   waiting for PubAcks), as each round trip would wait out the sleep;
 //! - wake-ups from other threads during the sleep are not lost: tokio
 //!   checks its queues again before it parks.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use pgwire_replication::ReplicationEvent;
 
 /// The sleep: at 2,000 tx/s about four transactions per wake-up (1 ms
 /// took the worker from 62 to 35 µs per event, 2 ms to 25; p99 latency
@@ -67,13 +71,24 @@ impl ParkLinger {
         ParkLinger { taken: AtomicU64::new(0), holds: AtomicU32::new(0), window: Mutex::new(None) }
     }
 
-    /// Counts a replication message of `bytes` taken by the streamer.
+    /// Counts a replication message as it is received (every reader of
+    /// the stream calls this, so the rate is the walsender's).
+    pub fn took_event(&self, event: &ReplicationEvent) {
+        self.took(match event {
+            ReplicationEvent::XLogData { data, .. } => data.len(),
+            ReplicationEvent::Message { content, .. } => content.len(),
+            _ => 32, // BEGIN, COMMIT, keepalive: a few dozen bytes on the wire
+        });
+    }
+
+    /// Counts a replication message of `bytes`.
     pub fn took(&self, bytes: usize) {
         // Relaxed: a count read by the same thread; no ordering needed.
         self.taken.fetch_add((bytes + MESSAGE_COST) as u64, Relaxed);
     }
 
     /// No linger while the hold lives.
+    #[must_use = "the hold ends when dropped"]
     pub fn hold(&'static self) -> LingerHold {
         self.holds.fetch_add(1, Relaxed);
         LingerHold(self)
@@ -106,6 +121,7 @@ impl Default for ParkLinger {
 }
 
 /// Keeps the thread from lingering until dropped.
+#[must_use = "the hold ends when dropped"]
 pub struct LingerHold(&'static ParkLinger);
 
 impl Drop for LingerHold {
