@@ -32,6 +32,7 @@ SCALE = float(os.environ.get("WL_BENCH_SCALE", "1"))
 RUN_CRITERION = os.environ.get("WL_BENCH_CRITERION", "1") != "0"
 # The write path's baseline that every WAL-based tool pays (issue 23).
 FLOOR = "pg_recvlogical (floor)"
+SWEEP_RATES = (500, 5000)  # besides the write path's 2,000 tx/s
 PG_VERSION = "15"
 STREAM = "wal_listener"
 BASELINE = REPO / "target" / "release" / "examples" / "nats_baseline"
@@ -288,15 +289,18 @@ class Bench:
         script.write_text("INSERT INTO bench_pgbench(n) VALUES (1);\n")
         self.ensure_nats()
         results = self.results["write_path"] = {}
+        # Worker + walsender and the floor at other steady rates (fsync
+        # off, event mode): the linger's rule must not leave a cliff.
+        sweep = self.results["steady_rates"] = {}
 
-        def measure(config: str, fsync: str, relay=None):
+        def measure(config: str, fsync: str, relay=None, at: int = rate):
             self.pg.execute(f"ALTER SYSTEM SET fsync = {fsync}")
             self.pg.execute("SELECT pg_reload_conf()")
             self.pg.execute("TRUNCATE bench_pgbench")
             self.pg.execute("CHECKPOINT")
             before = self.db_host_cpu()
             relay_before = cpu_seconds(relay.pid) if relay else 0.0
-            self.pg_tool("pgbench", "-n", "-c", "4", "-j", "2", "-R", str(rate), "-T", str(seconds), "-f",
+            self.pg_tool("pgbench", "-n", "-c", "4", "-j", "2", "-R", str(at), "-T", str(seconds), "-f",
                          str(script), "app")
             events = self.pg.execute("SELECT count(*) AS n FROM bench_pgbench")[0]["n"]
             self.drained(config)
@@ -305,6 +309,10 @@ class Bench:
                    "worker_us": cpu.get("worker", 0.0) * 1e6 / events,
                    "walsender_us": cpu.get("walsender", 0.0) * 1e6 / events,
                    "relay_us": (cpu_seconds(relay.pid) - relay_before) * 1e6 / events if relay else None}
+            if at != rate:
+                sweep[f"{config} at {at}"] = row
+                print(f"== steady rate {config} at {at} tx/s: {json.dumps(row)}", flush=True)
+                return
             self.pg.execute("TRUNCATE bench_pgbench")
             self.pg.execute("CHECKPOINT")
             out = self.pg_tool("pgbench", "-n", "-c", "4", "-j", "2", "-T", str(seconds), "-f", str(script), "app").stdout
@@ -318,6 +326,8 @@ class Bench:
             self.pg.wait_for_state("streaming", 30)
             for fsync in ("off", "on"):
                 measure(f"wal_listener ({mode})", fsync)
+            for at in SWEEP_RATES if mode == "event" else ():
+                measure(f"wal_listener ({mode})", "off", at=at)
         with open(self.pg.data / "postgresql.conf", "a") as conf:
             conf.write("shared_preload_libraries = ''\n")
         self.pg.restart()
@@ -333,6 +343,8 @@ class Bench:
         try:
             for fsync in ("off", "on"):
                 measure(FLOOR, fsync, floor)
+            for at in SWEEP_RATES:
+                measure(FLOOR, "off", floor, at=at)
         finally:
             floor.kill()
             floor.wait()
@@ -571,6 +583,18 @@ def report(results: dict) -> str:
                          f"| {relay} |")
         lines += [""] + [f"Worker + walsender against the floor (pg_recvlogical + its walsender), {text}."
                          for text in floor_ratios(results["write_path"])]
+    if results.get("steady_rates"):
+        lines += ["", "| steady rate (fsync off, event mode) | worker / walsender µs/event | pg_recvlogical / its walsender "
+                  "µs/event | ours ÷ floor |", "|--:|--:|--:|--:|"]
+        rows = dict(results["steady_rates"])
+        rows[f"wal_listener (event) at 2000"] = results["write_path"].get("wal_listener (event), fsync off")
+        rows[f"{FLOOR} at 2000"] = results["write_path"].get(f"{FLOOR}, fsync off")
+        for at in sorted({500, 2000, *SWEEP_RATES}):
+            ours, floor = rows.get(f"wal_listener (event) at {at}"), rows.get(f"{FLOOR} at {at}")
+            if ours and floor:
+                a, b = ours["worker_us"] + ours["walsender_us"], floor["relay_us"] + floor["walsender_us"]
+                lines.append(f"| {at:,} tx/s | {ours['worker_us']:.1f} / {ours['walsender_us']:.1f} "
+                             f"| {floor['relay_us']:.1f} / {floor['walsender_us']:.1f} | {a / b:.2f} |")
     if crit:
         lines += ["", "| Criterion decode + encode | columns | pgoutput B | JSON B | ns/event | allocations/event |",
                   "|---|--:|--:|--:|--:|--:|"]
