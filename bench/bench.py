@@ -662,7 +662,7 @@ def chart(results: dict, path: Path):
         ax.legend(fontsize=8)
         ax.set_ylabel("CPU µs per event over no CDC")
         ax.set_title("What the write path pays (2,000 tx/s)")
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
