@@ -54,6 +54,32 @@ def test_existing_rows_become_read_events(cluster, nats_server):
     assert stream_count(nats_server.url) == 2500
 
 
+def test_a_sparse_table_of_1600_columns_is_read_in_chunks_bounded_by_its_columns(cluster, nats_server):
+    # 1,000 rows of about 250 bytes on disk each (all but two columns NULL)
+    # are 51 kB each once read: 1,600 values. Counted by their bytes alone
+    # they made one chunk of 1,000 rows, 80 MB in the worker (4,000 rows
+    # at the chunk cap: 200 MB); each value counts now, so a chunk holds
+    # at most 82 rows (4 MiB).
+    streaming = cluster
+    columns = ", ".join(f"c{i} int" for i in range(1, 1600))
+    streaming.execute(f"CREATE TABLE sparse (id int PRIMARY KEY, {columns})")
+    streaming.execute("INSERT INTO sparse (id, c1599) SELECT g, g FROM generate_series(1, 1000) g")
+    streaming.execute("CREATE EXTENSION wal_listener")
+    streaming.wait_for_state("streaming", timeout=60)
+    backfill = streaming.execute("SELECT wal_listener.backfill('sparse') AS id")[0]["id"]
+    job = wait_done(streaming, backfill)
+    assert job["rows_done"] == 1000
+    chunks = streaming.execute("SELECT chunks_done FROM wal_listener.backfill_jobs WHERE id = %s", (backfill,))[0]
+    assert chunks["chunks_done"] >= 1000 / 82, chunks
+    assert wait_for_count(nats_server.url, 1000) == 1000
+    events = read_stream(nats_server.url)
+    assert sorted(e.body["data"]["id"] for e in events) == list(range(1, 1001))
+    first = events[0].body["data"]
+    assert (len(first), first["c2"], first["c1599"]) == (1600, None, first["id"]), {k: v for k, v in first.items() if v}
+    assert all(e.body["data"]["c1599"] == e.body["data"]["id"] and e.body["data"]["c2"] is None
+               and len(e.body["data"]) == 1600 for e in events)
+
+
 def test_a_where_clause_selects_the_rows(cluster, nats_server):
     streaming = cluster
     streaming.execute("CREATE TABLE orders (id int PRIMARY KEY, created date)")

@@ -8,6 +8,7 @@ use std::ffi::{CStr, CString};
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
+use wal_listener_core::backfill::store;
 use wal_listener_core::replication::connection::TEXT_SETTINGS;
 
 use crate::user_switch::UserSwitch;
@@ -228,7 +229,8 @@ unsafe fn fetch_as(
         for i in 0..pg_sys::SPI_processed as usize {
             let datum = pg_sys::heap_copy_tuple_as_datum(*(*table).vals.add(i), (*table).tupdesc);
             let header = datum.cast_mut_ptr::<pg_sys::HeapTupleHeaderData>();
-            bytes += pgrx::heap_tuple_header_get_datum_length(header);
+            bytes += pgrx::heap_tuple_header_get_datum_length(header)
+                + (*(*table).tupdesc).natts as usize * store::VALUE_COST;
             fetched.tuples.push(header);
         }
         pg_sys::MemoryContextSwitchTo(previous);

@@ -328,7 +328,7 @@ impl Task {
             _ => end.clone(),
         };
         let done_after = !cut && end.is_none();
-        let bytes = rows.iter().flatten().flatten().map(String::len).sum();
+        let bytes = store::chunk_bytes(&rows);
         if self.to_streamer.send(ToStreamer::Rows(Chunk { id, shape: shape.clone(), rows })).await.is_err() {
             return Ok(Attempt::StreamerGone);
         }
