@@ -32,7 +32,7 @@ SCALE = float(os.environ.get("WL_BENCH_SCALE", "1"))
 RUN_CRITERION = os.environ.get("WL_BENCH_CRITERION", "1") != "0"
 # The write path's baseline that every WAL-based tool pays (issue 23).
 FLOOR = "pg_recvlogical (floor)"
-SWEEP_RATES = (500, 5000)  # besides the write path's 2,000 tx/s
+SWEEP_RATES = (500, 5000, 10000)  # besides the write path's 2,000 tx/s
 PG_VERSION = "15"
 STREAM = "wal_listener"
 BASELINE = REPO / "target" / "release" / "examples" / "nats_baseline"
@@ -299,6 +299,7 @@ class Bench:
             self.pg.execute("TRUNCATE bench_pgbench")
             self.pg.execute("CHECKPOINT")
             before = self.db_host_cpu()
+            switches_before = self.switches()
             relay_before = cpu_seconds(relay.pid) if relay else 0.0
             self.pg_tool("pgbench", "-n", "-c", "4", "-j", "2", "-R", str(at), "-T", str(seconds), "-f",
                          str(script), "app")
@@ -308,7 +309,9 @@ class Bench:
             row = {"events": events, "db_us": cpu["total"] * 1e6 / events,
                    "worker_us": cpu.get("worker", 0.0) * 1e6 / events,
                    "walsender_us": cpu.get("walsender", 0.0) * 1e6 / events,
-                   "relay_us": (cpu_seconds(relay.pid) - relay_before) * 1e6 / events if relay else None}
+                   "side_us": cpu.get("side session", 0.0) * 1e6 / events,
+                   "relay_us": (cpu_seconds(relay.pid) - relay_before) * 1e6 / events if relay else None,
+                   "switches": {k: (v - switches_before.get(k, 0)) / events for k, v in self.switches().items()}}
             if at != rate:
                 sweep[f"{config} at {at}"] = row
                 print(f"== steady rate {config} at {at} tx/s: {json.dumps(row)}", flush=True)
@@ -396,6 +399,8 @@ class Bench:
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name IN ('wal_listener', 'bench_floor') "
             "AND active_pid IS NOT NULL")
         walsender = walsender[0]["active_pid"] if walsender else None
+        side = {r["pid"] for r in self.pg.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'wal_listener_side'")}
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True)
         for pid in (int(p) for p in children.stdout.split()):
             try:
@@ -407,11 +412,36 @@ class Bench:
                 parts["worker"] = used
             elif pid == walsender:
                 parts["walsender"] = used
+            elif pid in side:
+                parts["side session"] = parts.get("side session", 0.0) + used
         return {"total": total, **parts}
+
+    def switches(self) -> dict:
+        """Context switches (voluntary + involuntary, all threads) of the
+        worker and the walsender: how often each was woken."""
+        pids = {"worker": self.pg.worker_pid()}
+        walsender = self.pg.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name IN ('wal_listener', 'bench_floor') "
+            "AND active_pid IS NOT NULL")
+        if walsender:
+            pids["walsender"] = walsender[0]["active_pid"]
+        counts = {}
+        for name, pid in pids.items():
+            if pid is None:
+                continue
+            try:
+                counts[name] = sum(
+                    int(line.split()[1]) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for line in (task / "status").read_text().splitlines() if "ctxt_switches:" in line)
+            except OSError:
+                continue
+        return counts
 
 
 def latency_stats(latencies: list[float], rate: int, seconds: float) -> dict:
     ms = sorted(x * 1000 for x in latencies)
+    if not ms:
+        raise RuntimeError(f"no latency sample in {seconds:.1f} s at {rate} tx/s")
     return {"rate": rate, "seconds": seconds, "events": len(ms), "p50_ms": statistics.median(ms),
             "p99_ms": ms[int(len(ms) * 0.99) - 1], "max_ms": ms[-1]}
 
@@ -572,15 +602,19 @@ def report(results: dict) -> str:
                       f"p50 {during['p50_ms']:.1f} ms, p99 {during['p99_ms']:.1f} ms, max {during['max_ms']:.1f} ms."]
     if "write_path" in results:
         lines += ["", "| write path: 4 pgbench clients, single-row inserts | fsync | highest TPS | DB-host CPU µs/event "
-                  "over no CDC (at 2,000 tx/s) | of which worker / walsender | relay or pg_recvlogical µs/event |",
-                  "|---|---|--:|--:|--:|--:|"]
+                  "over no CDC (at 2,000 tx/s) | of which worker / walsender | relay or pg_recvlogical µs/event "
+                  "| worker's side session µs/event | context switches per event worker / walsender |",
+                  "|---|---|--:|--:|--:|--:|--:|--:|"]
         for key, row in results["write_path"].items():
             config, fsync = key.rsplit(", fsync ", 1)
             worker = f"{row['worker_us']:.1f}" if config.startswith("wal_listener") else "-"
             walsender = f"{row['walsender_us']:.1f}" if config.startswith("wal_listener") or config == FLOOR else "-"
             relay = f"{row['relay_us']:.1f}" if row.get("relay_us") is not None else "-"
+            side = f"{row['side_us']:.1f}" if config.startswith("wal_listener") and "side_us" in row else "-"
+            sw = row.get("switches", {})
+            switches = " / ".join(f"{sw[k]:.2f}" if k in sw else "-" for k in ("worker", "walsender"))
             lines.append(f"| {config} | {fsync} | {row['tps']:,.0f} | {row['extra_db_us']:.1f} | {worker} / {walsender} "
-                         f"| {relay} |")
+                         f"| {relay} | {side} | {switches} |")
         lines += [""] + [f"Worker + walsender against the floor (pg_recvlogical + its walsender), {text}."
                          for text in floor_ratios(results["write_path"])]
     if results.get("steady_rates"):

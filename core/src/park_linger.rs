@@ -211,6 +211,76 @@ mod tests {
         assert_eq!(linger.decide(t0 + 2 * WINDOW), Some(LINGER));
     }
 
+    /// The verdict after one window of `tx_per_s` transactions of
+    /// `messages` replication messages of `bytes` each.
+    fn verdict_at(tx_per_s: u64, messages: u64, bytes: usize) -> Option<Duration> {
+        let linger = leaked();
+        let t0 = Instant::now();
+        linger.decide(t0);
+        let per_window = tx_per_s * messages * WINDOW.as_millis() as u64 / 1000;
+        for _ in 0..per_window {
+            linger.took(bytes);
+        }
+        linger.decide(t0 + WINDOW)
+    }
+
+    #[test]
+    fn steady_rates_linger_and_drains_never_do_as_measured_in_bench() {
+        // Single-row transactions: BEGIN, INSERT, COMMIT and a keepalive.
+        for steady in [500, 2_000, 5_000, 10_000] {
+            assert_eq!(verdict_at(steady, 4, 40), Some(LINGER), "{steady} single-row tx/s");
+        }
+        // The slowest drain in bench/: 28,000 single-row tx/s.
+        assert_eq!(verdict_at(28_000, 3, 40), None);
+        // 2,000 rows of 3 kB a second, and a wide-row drain of 20,000.
+        assert_eq!(verdict_at(2_000, 1, 3_000), Some(LINGER));
+        assert_eq!(verdict_at(20_000, 1, 3_000), None);
+    }
+
+    #[test]
+    fn exactly_at_the_rate_is_not_slow() {
+        let linger = leaked();
+        let t0 = Instant::now();
+        linger.decide(t0);
+        // MAX_RATE over 15.625 ms is a whole number of bytes.
+        let elapsed = Duration::from_micros(15_625);
+        let bytes = (MAX_RATE as u128 * elapsed.as_nanos() / 1_000_000_000) as usize;
+        assert_eq!(bytes as u128 * 1_000_000_000, MAX_RATE as u128 * elapsed.as_nanos());
+        took_in_all(linger, bytes);
+        assert_eq!(linger.decide(t0 + elapsed), None);
+    }
+
+    #[test]
+    fn every_kind_of_replication_message_counts() {
+        use pgwire_replication::{Lsn, ReplicationEvent};
+        let linger = leaked();
+        let data = ReplicationEvent::XLogData {
+            wal_start: Lsn(1),
+            wal_end: Lsn(1),
+            server_time_micros: 0,
+            data: vec![0u8; 100].into(),
+        };
+        linger.took_event(&data);
+        assert_eq!(linger.taken.load(Relaxed), (100 + MESSAGE_COST) as u64);
+        let message = ReplicationEvent::Message {
+            transactional: true,
+            lsn: Lsn(1),
+            prefix: "p".into(),
+            content: vec![0u8; 7].into(),
+        };
+        linger.took_event(&message);
+        linger.took_event(&ReplicationEvent::Commit { lsn: Lsn(1), end_lsn: Lsn(2), commit_time_micros: 0 });
+        assert_eq!(linger.taken.load(Relaxed), (100 + 7 + 32 + 3 * MESSAGE_COST) as u64);
+    }
+
+    #[test]
+    fn before_park_judges_by_the_clock() {
+        let linger = leaked();
+        assert_eq!(linger.before_park(), None, "the first window starts not slow");
+        std::thread::sleep(WINDOW + Duration::from_millis(1));
+        assert_eq!(linger.before_park(), Some(LINGER), "a window without messages is slow");
+    }
+
     #[test]
     fn no_linger_while_any_hold_lives() {
         let linger = leaked();

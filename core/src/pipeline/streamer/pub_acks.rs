@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::Streamer;
+use crate::park_linger::PARK_LINGER;
 use crate::publish::batch::answered;
 use crate::publish::pub_ack::{BATCH_HAS_DUPLICATE, TOO_MANY_BATCHES};
 use crate::publish::{Reply, ACK_TIMEOUT};
@@ -87,6 +88,7 @@ impl Streamer {
     /// Takes the next reply on the PubAck inbox, waiting at most
     /// [`ACK_TIMEOUT`]; `false` when none came and none is overdue yet.
     pub(super) async fn take_reply(&mut self) -> Result<bool, Error> {
+        let _no_linger = PARK_LINGER.hold(); // a round trip, not the walsender
         match tokio::time::timeout(ACK_TIMEOUT, self.publisher.next_ack()).await {
             Ok(reply) => {
                 let (sequence, reply) = reply?;
