@@ -32,7 +32,7 @@ use pgwire_replication::ReplicationEvent;
 /// took the worker from 62 to 35 µs per event, 2 ms to 25; p99 latency
 /// at 1,000 tx/s went from 0.9 to 1.6 and 2.6 ms).
 pub const LINGER: Duration = Duration::from_millis(2);
-/// Above this rate no linger: a linger gathers at most 96 KiB, under half
+/// Above this rate no linger: a linger gathers at most 98 KiB, under half
 /// a default socket buffer (212,992 bytes), counting [`MESSAGE_COST`] per
 /// message. 2,000 single-row tx/s are about 8 MiB/s so counted (4
 /// messages each: BEGIN, INSERT, COMMIT, keepalive), 2,000 rows of 3 kB
