@@ -395,10 +395,7 @@ class Bench:
         total = sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
         parts = {}
         worker = self.pg.worker_pid()
-        walsender = self.pg.execute(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name IN ('wal_listener', 'bench_floor') "
-            "AND active_pid IS NOT NULL")
-        walsender = walsender[0]["active_pid"] if walsender else None
+        walsender = self.streaming_walsender_pid()
         side = {r["pid"] for r in self.pg.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'wal_listener_side'")}
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True)
@@ -416,15 +413,17 @@ class Bench:
                 parts["side session"] = parts.get("side session", 0.0) + used
         return {"total": total, **parts}
 
+    def streaming_walsender_pid(self) -> int | None:
+        """The walsender serving the worker's slot or the floor's."""
+        rows = self.pg.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name IN ('wal_listener', 'bench_floor') "
+            "AND active_pid IS NOT NULL")
+        return rows[0]["active_pid"] if rows else None
+
     def switches(self) -> dict:
         """Context switches (voluntary + involuntary, all threads) of the
         worker and the walsender: how often each was woken."""
-        pids = {"worker": self.pg.worker_pid()}
-        walsender = self.pg.execute(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name IN ('wal_listener', 'bench_floor') "
-            "AND active_pid IS NOT NULL")
-        if walsender:
-            pids["walsender"] = walsender[0]["active_pid"]
+        pids = {"worker": self.pg.worker_pid(), "walsender": self.streaming_walsender_pid()}
         counts = {}
         for name, pid in pids.items():
             if pid is None:

@@ -10,15 +10,17 @@
 //!
 //! The rule, so that it never slows a drain:
 //! - only while the walsender's stream is slow: under [`MAX_RATE`] bytes/s
-//!   over the last [`WINDOW`], each message counted with [`MESSAGE_COST`]. Faster, a sleep would let the socket fill
-//!   and stall the walsender, and in a drain the thread parks for other
-//!   reasons (NATS not yet writable, PubAcks awaited) after wake-ups that
-//!   took little: a rule on one wake-up's work lingered there and cut
-//!   wide-row throughput from 62,000 to 20,000 events/s;
+//!   over the last [`WINDOW`], each message counted with [`MESSAGE_COST`].
+//!   Faster, a sleep would let the socket fill and stall the walsender;
+//!   and in a drain the thread parks for other reasons (NATS not yet
+//!   writable, PubAcks awaited) after wake-ups that took little: a rule on
+//!   one wake-up's work lingered there and cut wide-row throughput from
+//!   62,000 to 20,000 events/s;
 //! - never while someone holds a [`LingerHold`]: whoever waits on a round
 //!   trip rather than on the walsender (a backfill job, a SQL query, the
-//!   session start, the stream audit, the streamer at its in-flight caps
-//!   waiting for PubAcks), as each round trip would wait out the sleep;
+//!   session start, a stream list refresh, a PubAck awaited alone, the
+//!   streamer at its in-flight caps), as each round trip would wait out
+//!   the sleep;
 //! - wake-ups from other threads during the sleep are not lost: tokio
 //!   checks its queues again before it parks.
 
@@ -85,7 +87,7 @@ impl ParkLinger {
     }
 
     /// Counts a replication message of `bytes`.
-    pub fn took(&self, bytes: usize) {
+    fn took(&self, bytes: usize) {
         // Relaxed: a count read by the same thread; no ordering needed.
         self.taken.fetch_add((bytes + MESSAGE_COST) as u64, Relaxed);
     }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 
 use crate::config::{redact_url, server_urls, url_credentials, PublishConfig, UrlCredentials};
+use crate::park_linger::PARK_LINGER;
 use crate::status::{LogLevel, StatusBoard};
 use crate::Error;
 pub use pub_ack::Reply;
@@ -130,6 +131,7 @@ impl Publisher {
 
     /// Reads the streams again (after a filter change brought new subjects).
     pub async fn refresh_streams(&mut self) -> Result<(), Error> {
+        let _no_linger = PARK_LINGER.hold(); // NATS round trips
         self.streams = list_streams(&self.js).await?;
         Ok(())
     }

@@ -216,11 +216,11 @@ impl Streamer {
                     return e;
                 }
             }
-            // Waiting for PubAcks to make room, not for the walsender: a
-            // linger would add its sleep to each round trip.
-            // Not when committed events wait for batch room: they join the
-            // next batch meanwhile, and that batching is transaction mode's
-            // saving (holding off the linger there cost 22 -> 33 µs/event).
+            // At the in-flight caps only PubAcks can make room, each a round
+            // trip a linger would add its sleep to. Committed events waiting
+            // for batch room do not count: they join the next batch
+            // meanwhile, which is transaction mode's saving (holding off the
+            // linger there too cost 22 -> 33 µs per event).
             let waits = !self.below_caps();
             if waits != self.pub_ack_hold.is_some() {
                 self.pub_ack_hold = waits.then(|| PARK_LINGER.hold());
@@ -489,7 +489,6 @@ impl Streamer {
         }
         if self.publisher.stream_for(subject).is_none() {
             // Created since the session started?
-            let _no_linger = PARK_LINGER.hold(); // NATS round trips
             self.publisher.refresh_streams().await?;
         }
         let Some(stream) = self.publisher.stream_for(subject) else {
@@ -612,7 +611,6 @@ impl Streamer {
     /// worker publishes to (the default subjects and each filter's) that no
     /// stream stores, and the streams' replicas and duplicate windows.
     async fn audit_streams(&mut self, refresh: bool) -> Result<(), Error> {
-        let _no_linger = PARK_LINGER.hold(); // NATS round trips
         if refresh {
             self.publisher.refresh_streams().await?;
         }
